@@ -1,0 +1,471 @@
+package nbd
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"time"
+)
+
+// ClientOptions tune a Client. The zero value negotiates everything the
+// server offers for the default export.
+type ClientOptions struct {
+	ExportName string
+	// NoStructuredReplies keeps the connection on simple replies, as an
+	// old client would.
+	NoStructuredReplies bool
+	// NoBlockStatus skips selecting base:allocation.
+	NoBlockStatus bool
+	// MaxInFlight bounds the requests waiting for replies; further calls
+	// block until one completes. Default 64.
+	MaxInFlight int
+	// HandshakeTimeout bounds the negotiation. Default 10 s; the C
+	// flexnbd waits 5 s for a greeting.
+	HandshakeTimeout time.Duration
+}
+
+// ErrClientClosed is returned for requests on a client that was closed.
+var ErrClientClosed = errors.New("nbd: client closed")
+
+// Client speaks the transmission phase to one server connection. Its
+// methods are safe for concurrent use: requests from several goroutines are
+// in flight together and replies are matched by cookie, in any order.
+//
+// A request cannot be retracted once sent, so cancelling the context of a
+// waiting request breaks the whole connection: every pending request fails
+// and the Client is unusable. Callers that retry open a new Client.
+type Client struct {
+	// immutable after NewClient
+	conn net.Conn
+	sess Session
+	sem  chan struct{}
+
+	// wmu serialises request writes so headers and payloads never interleave.
+	wmu sync.Mutex
+
+	// owned by the reader goroutine
+	br *bufio.Reader
+
+	mu         sync.Mutex // guards the fields below
+	pending    map[uint64]*call
+	nextCookie uint64
+	err        error // set once: why the connection is unusable
+	readerDone chan struct{}
+}
+
+type call struct {
+	req     Request
+	buf     []byte // READ destination
+	errno   Errno
+	msg     string // error text from a structured error chunk
+	extents []Extent
+	done    chan struct{}
+}
+
+// Dial connects to an NBD server at address ("host:port" for tcp, a path
+// for unix) and negotiates.
+func Dial(ctx context.Context, network, address string, opts *ClientOptions) (*Client, error) {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, network, address)
+	if err != nil {
+		return nil, fmt.Errorf("nbd: dial %s: %w", address, err)
+	}
+	c, err := NewClient(conn, opts)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// NewClient negotiates on an established connection and starts the reply
+// reader. On error the caller still owns conn.
+func NewClient(conn net.Conn, opts *ClientOptions) (*Client, error) {
+	if opts == nil {
+		opts = &ClientOptions{}
+	}
+	if tc, ok := conn.(*net.TCPConn); ok {
+		_ = tc.SetNoDelay(true)
+	}
+	timeout := opts.HandshakeTimeout
+	if timeout == 0 {
+		timeout = 10 * time.Second
+	}
+	br := bufio.NewReaderSize(conn, 64<<10)
+	_ = conn.SetDeadline(time.Now().Add(timeout))
+	sess, err := clientHandshake(br, conn, opts)
+	if err != nil {
+		return nil, err
+	}
+	_ = conn.SetDeadline(time.Time{})
+	max := opts.MaxInFlight
+	if max <= 0 {
+		max = 64
+	}
+	c := &Client{
+		conn:       conn,
+		sess:       *sess,
+		sem:        make(chan struct{}, max),
+		br:         br,
+		pending:    make(map[uint64]*call),
+		nextCookie: 1,
+		readerDone: make(chan struct{}),
+	}
+	go c.readLoop()
+	return c, nil
+}
+
+// Size is the export size in bytes.
+func (c *Client) Size() uint64 { return c.sess.Export.Size }
+
+// Flags are the export's transmission flags.
+func (c *Client) Flags() TransmissionFlags { return c.sess.Flags }
+
+// Session describes what the handshake agreed on.
+func (c *Client) Session() Session { return c.sess }
+
+// Err reports why the connection became unusable, or nil while it is fine.
+func (c *Client) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
+}
+
+// Read fills p from offset off.
+func (c *Client) Read(ctx context.Context, p []byte, off uint64, flags CmdFlags) error {
+	if uint64(len(p)) > 0xffffffff {
+		return EINVAL
+	}
+	_, err := c.Do(ctx, Request{Type: CmdRead, Flags: flags, Offset: off, Length: uint32(len(p))}, nil, p)
+	return err
+}
+
+// Write writes p at offset off; with CmdFlagFUA it returns once durable.
+func (c *Client) Write(ctx context.Context, p []byte, off uint64, flags CmdFlags) error {
+	if uint64(len(p)) > 0xffffffff {
+		return EINVAL
+	}
+	_, err := c.Do(ctx, Request{Type: CmdWrite, Flags: flags, Offset: off, Length: uint32(len(p))}, p, nil)
+	return err
+}
+
+// Flush returns once every write completed before it is durable.
+func (c *Client) Flush(ctx context.Context) error {
+	_, err := c.Do(ctx, Request{Type: CmdFlush}, nil, nil)
+	return err
+}
+
+// Trim tells the server a range is no longer needed.
+func (c *Client) Trim(ctx context.Context, off uint64, length uint32, flags CmdFlags) error {
+	_, err := c.Do(ctx, Request{Type: CmdTrim, Flags: flags, Offset: off, Length: length}, nil, nil)
+	return err
+}
+
+// WriteZeroes makes a range read as zeroes.
+func (c *Client) WriteZeroes(ctx context.Context, off uint64, length uint32, flags CmdFlags) error {
+	_, err := c.Do(ctx, Request{Type: CmdWriteZeroes, Flags: flags, Offset: off, Length: length}, nil, nil)
+	return err
+}
+
+// Cache asks the server to prefetch a range.
+func (c *Client) Cache(ctx context.Context, off uint64, length uint32) error {
+	_, err := c.Do(ctx, Request{Type: CmdCache, Offset: off, Length: length}, nil, nil)
+	return err
+}
+
+// BlockStatus returns the base:allocation extents from off. The server may
+// describe less than length (at least one extent) or, without
+// CmdFlagReqOne, more.
+func (c *Client) BlockStatus(ctx context.Context, off uint64, length uint32, flags CmdFlags) ([]Extent, error) {
+	if c.sess.AllocationContext == 0 {
+		return nil, fmt.Errorf("nbd: block status not negotiated: %w", EINVAL)
+	}
+	return c.Do(ctx, Request{Type: CmdBlockStatus, Flags: flags, Offset: off, Length: length}, nil, nil)
+}
+
+// Do sends req as given, without checking it against the negotiated flags
+// (tests use it to send what a careful client would not), and waits for its
+// reply. payload is sent after the header when req is a WRITE; readBuf
+// receives READ data and must be req.Length bytes long. A server error is
+// returned as an Errno, or as a *ServerError carrying the server's message.
+func (c *Client) Do(ctx context.Context, req Request, payload, readBuf []byte) ([]Extent, error) {
+	if req.Type == CmdRead && len(readBuf) != int(req.Length) {
+		return nil, fmt.Errorf("nbd: read buffer of %d bytes for a %d-byte read", len(readBuf), req.Length)
+	}
+	if req.Type == CmdDisc {
+		return nil, errors.New("nbd: use Close to disconnect")
+	}
+	select {
+	case c.sem <- struct{}{}:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	defer func() { <-c.sem }()
+
+	cl := &call{req: req, buf: readBuf, done: make(chan struct{})}
+	c.mu.Lock()
+	if c.err != nil {
+		err := c.err
+		c.mu.Unlock()
+		return nil, err
+	}
+	cl.req.Cookie = c.nextCookie
+	c.nextCookie++
+	c.pending[cl.req.Cookie] = cl
+	c.mu.Unlock()
+
+	var hdr [RequestHeaderSize]byte
+	bufs := net.Buffers{AppendRequest(hdr[:0], cl.req)}
+	if req.Type == CmdWrite && len(payload) > 0 {
+		bufs = append(bufs, payload)
+	}
+	c.wmu.Lock()
+	_, err := bufs.WriteTo(c.conn)
+	c.wmu.Unlock()
+	if err != nil {
+		c.fail(fmt.Errorf("nbd: send request: %w", err))
+	}
+
+	select {
+	case <-cl.done:
+	case <-ctx.Done():
+		c.fail(ctx.Err())
+		<-cl.done
+	}
+	switch {
+	case cl.errno == errConnLost:
+		return nil, c.Err()
+	case cl.errno != 0 && cl.msg != "":
+		return nil, &ServerError{Code: cl.errno, Message: cl.msg}
+	case cl.errno != 0:
+		return nil, cl.errno
+	}
+	return cl.extents, nil
+}
+
+// ServerError is an error reply that came with a message from the server.
+type ServerError struct {
+	Code    Errno
+	Message string
+}
+
+func (e *ServerError) Error() string { return e.Code.Error() + ": " + e.Message }
+
+// Errno exposes the wire code to ErrnoOf.
+func (e *ServerError) Errno() Errno { return e.Code }
+
+// Unwrap lets errors.Is(err, nbd.EINVAL) see through the message.
+func (e *ServerError) Unwrap() error { return e.Code }
+
+// errConnLost marks calls that ended because the connection did, not
+// because the server answered; it is never sent on the wire.
+const errConnLost Errno = 0xffffffff
+
+// fail makes the client unusable. It returns once the reader has stopped,
+// so no caller's buffer is written to afterwards; the reader completes the
+// pending calls on its way out.
+func (c *Client) fail(err error) {
+	c.mu.Lock()
+	if c.err == nil {
+		c.err = err
+	}
+	c.mu.Unlock()
+	_ = c.conn.Close()
+	<-c.readerDone
+}
+
+// Close waits for pending requests, sends NBD_CMD_DISC and closes the
+// connection.
+func (c *Client) Close() error {
+	// Taking every slot of the semaphore waits out the requests in flight;
+	// giving them back afterwards lets late callers see ErrClientClosed.
+	for i := 0; i < cap(c.sem); i++ {
+		c.sem <- struct{}{}
+	}
+	defer func() {
+		for i := 0; i < cap(c.sem); i++ {
+			<-c.sem
+		}
+	}()
+	c.mu.Lock()
+	alive := c.err == nil
+	c.mu.Unlock()
+	var err error
+	if alive {
+		var hdr [RequestHeaderSize]byte
+		c.wmu.Lock()
+		_, err = c.conn.Write(AppendRequest(hdr[:0], Request{Type: CmdDisc}))
+		c.wmu.Unlock()
+	}
+	c.fail(ErrClientClosed)
+	if err != nil {
+		return fmt.Errorf("nbd: send disconnect: %w", err)
+	}
+	return nil
+}
+
+func (c *Client) readLoop() {
+	err := c.readReplies()
+	c.mu.Lock()
+	if c.err == nil {
+		c.err = err
+	}
+	pending := c.pending
+	c.pending = nil // Do checks c.err before adding, so this stays unused
+	c.mu.Unlock()
+	_ = c.conn.Close()
+	for _, cl := range pending {
+		cl.errno = errConnLost
+		close(cl.done)
+	}
+	close(c.readerDone)
+}
+
+func (c *Client) readReplies() error {
+	var hb [ChunkHeaderSize]byte
+	for {
+		if _, err := io.ReadFull(c.br, hb[:4]); err != nil {
+			return fmt.Errorf("nbd: read reply: %w", err)
+		}
+		n := ReplyMagicKind(hb[:4])
+		if n == 0 {
+			return protocolErrorf("bad reply magic %#08x", binary.BigEndian.Uint32(hb[:4]))
+		}
+		if _, err := io.ReadFull(c.br, hb[4:n]); err != nil {
+			return fmt.Errorf("nbd: read reply: %w", err)
+		}
+		h, err := DecodeReplyHeader(hb[:n])
+		if err != nil {
+			return err
+		}
+		c.mu.Lock()
+		cl := c.pending[h.Cookie]
+		c.mu.Unlock()
+		if cl == nil {
+			return protocolErrorf("reply for unknown cookie %d", h.Cookie)
+		}
+		if h.Structured {
+			err = c.readChunk(&h, cl)
+		} else {
+			err = c.readSimple(&h, cl)
+		}
+		if err != nil {
+			return err
+		}
+		if h.Done() {
+			c.mu.Lock()
+			delete(c.pending, h.Cookie)
+			c.mu.Unlock()
+			close(cl.done)
+		}
+	}
+}
+
+func (c *Client) readSimple(h *ReplyHeader, cl *call) error {
+	cl.errno = h.Errno
+	if cl.req.Type == CmdRead && h.Errno == 0 {
+		if _, err := io.ReadFull(c.br, cl.buf); err != nil {
+			return fmt.Errorf("nbd: read reply data: %w", err)
+		}
+	}
+	return nil
+}
+
+// maxChunkMeta bounds the chunks that are buffered rather than streamed
+// into the caller's buffer: block status lists and error messages.
+const maxChunkMeta = 1 << 20
+
+func (c *Client) readChunk(h *ReplyHeader, cl *call) error {
+	switch h.Type {
+	case ReplyTypeNone:
+		if h.Length != 0 {
+			return protocolErrorf("NONE chunk with %d bytes", h.Length)
+		}
+		return nil
+	case ReplyTypeOffsetData, ReplyTypeOffsetHole:
+		return c.readContent(h, cl)
+	}
+	if h.Length > maxChunkMeta {
+		return protocolErrorf("chunk type %d of %d bytes", h.Type, h.Length)
+	}
+	data := make([]byte, h.Length)
+	if _, err := io.ReadFull(c.br, data); err != nil {
+		return fmt.Errorf("nbd: read reply chunk: %w", err)
+	}
+	switch {
+	case h.Type == ReplyTypeBlockStatus:
+		if cl.req.Type != CmdBlockStatus || len(data) < 12 || (len(data)-4)%8 != 0 {
+			return protocolErrorf("malformed block status chunk of %d bytes", len(data))
+		}
+		if binary.BigEndian.Uint32(data) == c.sess.AllocationContext {
+			for d := data[4:]; len(d) >= 8; d = d[8:] {
+				cl.extents = append(cl.extents, Extent{
+					Length: binary.BigEndian.Uint32(d),
+					Flags:  binary.BigEndian.Uint32(d[4:]),
+				})
+			}
+		}
+	case h.Type.IsError():
+		if len(data) < 6 {
+			return protocolErrorf("error chunk of %d bytes", len(data))
+		}
+		errno := Errno(binary.BigEndian.Uint32(data))
+		msgLen := int(binary.BigEndian.Uint16(data[4:6]))
+		if msgLen > len(data)-6 {
+			return protocolErrorf("error message overruns its chunk")
+		}
+		if errno == 0 || errno == errConnLost {
+			errno = EINVAL // the spec's advice for nonsense codes
+		}
+		if cl.errno == 0 {
+			cl.errno = errno
+			cl.msg = string(data[6 : 6+msgLen])
+		}
+	default:
+		return protocolErrorf("unknown chunk type %d", h.Type)
+	}
+	return nil
+}
+
+// readContent handles OFFSET_DATA and OFFSET_HOLE, checking that they fall
+// inside the request before touching the caller's buffer.
+func (c *Client) readContent(h *ReplyHeader, cl *call) error {
+	if cl.req.Type != CmdRead {
+		return protocolErrorf("content chunk for a non-read request")
+	}
+	var b [12]byte
+	want := 8
+	if h.Type == ReplyTypeOffsetHole {
+		want = 12
+		if h.Length != 12 {
+			return protocolErrorf("hole chunk of %d bytes", h.Length)
+		}
+	} else if h.Length < 9 {
+		return protocolErrorf("data chunk of %d bytes", h.Length)
+	}
+	if _, err := io.ReadFull(c.br, b[:want]); err != nil {
+		return fmt.Errorf("nbd: read reply chunk: %w", err)
+	}
+	off := binary.BigEndian.Uint64(b[:8])
+	n := uint64(h.Length) - 8
+	if h.Type == ReplyTypeOffsetHole {
+		n = uint64(binary.BigEndian.Uint32(b[8:12]))
+	}
+	if off < cl.req.Offset || n > uint64(cl.req.Length) || off-cl.req.Offset > uint64(cl.req.Length)-n {
+		return protocolErrorf("content chunk [%d,+%d) outside request [%d,+%d)", off, n, cl.req.Offset, cl.req.Length)
+	}
+	dst := cl.buf[off-cl.req.Offset : off-cl.req.Offset+n]
+	if h.Type == ReplyTypeOffsetHole {
+		clear(dst)
+		return nil
+	}
+	if _, err := io.ReadFull(c.br, dst); err != nil {
+		return fmt.Errorf("nbd: read reply data: %w", err)
+	}
+	return nil
+}
