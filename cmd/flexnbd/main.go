@@ -1,0 +1,83 @@
+// Command flexnbd serves a file or block device over NBD, migrates it live
+// to another host, and talks to running instances over a control socket.
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/alecthomas/kong"
+)
+
+// cli lists the modes; each mode's Run wires packages together and returns
+// an error for a one-line report and exit status 1.
+type cli struct {
+	Serve ServeCmd `cmd:"" help:"Serve a file or block device over NBD."`
+	Read  ReadCmd  `cmd:"" help:"Read a range of an NBD export to standard output."`
+	Write WriteCmd `cmd:"" help:"Write standard input to a range of an NBD export."`
+	Help  HelpCmd  `cmd:"" help:"Show help for flexnbd or one of its modes."`
+}
+
+// exitError carries an exit status other than 1.
+type exitError struct {
+	code int
+	msg  string
+}
+
+func (e *exitError) Error() string { return e.msg }
+
+func main() {
+	os.Exit(run(os.Args[1:]))
+}
+
+func run(args []string) int {
+	var c cli
+	parser, err := newParser(&c)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "flexnbd: %v\n", err)
+		return 1
+	}
+	ctx, err := parser.Parse(args)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "flexnbd: %v\n", err)
+		return 1
+	}
+	if err := ctx.Run(parser); err != nil {
+		var ee *exitError
+		if errors.As(err, &ee) {
+			if ee.msg != "" {
+				fmt.Fprintln(os.Stderr, ee.msg)
+			}
+			return ee.code
+		}
+		fmt.Fprintf(os.Stderr, "flexnbd: %v\n", err)
+		return 1
+	}
+	return 0
+}
+
+func newParser(c *cli) (*kong.Kong, error) {
+	return kong.New(c,
+		kong.Name("flexnbd"),
+		kong.Description("A fast NBD server that can live-migrate its export."),
+		kong.ConfigureHelp(kong.HelpOptions{Compact: true}),
+	)
+}
+
+// HelpCmd prints the help of flexnbd or of one mode.
+type HelpCmd struct {
+	Mode []string `arg:"" optional:"" help:"Mode to describe."`
+}
+
+// Run prints help through the parser's own --help, which exits 0.
+func (h *HelpCmd) Run(parser *kong.Kong) error {
+	args := append(append([]string{}, h.Mode...), "--help")
+	var c cli
+	p, err := newParser(&c)
+	if err != nil {
+		return err
+	}
+	_, err = p.Parse(args)
+	return err
+}

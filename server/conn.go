@@ -1,0 +1,403 @@
+package server
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"runtime/debug"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/flexnbd/flexnbd/nbd"
+)
+
+// conn serves one client. Requests are read by whichever worker holds
+// readMu; having read one (and registered it with the ordering gate) that
+// worker hands the reading role on and executes the request itself. So a
+// request costs no goroutine hand-off, requests run concurrently up to
+// MaxInFlight, and backpressure reaches the client through TCP when every
+// worker is busy. Replies leave through out, which batches them.
+type conn struct {
+	// immutable after newConn
+	srv    *Server
+	nc     net.Conn
+	remote netip.Addr
+	log    zerolog.Logger
+	budget *budget
+	closed chan struct{} // closed when the connection is gone
+
+	// immutable after the handshake
+	sess       *nbd.Session
+	br         *bufio.Reader
+	size       uint64
+	maxPayload uint32
+
+	readMu  sync.Mutex // held by the worker reading the next request
+	stopped bool       // guarded by readMu: nothing more will be read
+
+	waiting  atomic.Int32 // workers queued for readMu
+	workers  atomic.Int32
+	wg       sync.WaitGroup
+	draining atomic.Bool
+
+	out replyWriter
+
+	// requests being executed, for the kill switch; guarded by activeMu
+	activeMu sync.Mutex
+	active   map[*request]time.Time
+}
+
+func newConn(s *Server, nc net.Conn, remote netip.Addr) *conn {
+	c := &conn{
+		srv:    s,
+		nc:     nc,
+		remote: remote,
+		log:    s.log.With().Str("peer", nc.RemoteAddr().String()).Logger(),
+		budget: newBudget(s.cfg.MaxBufferBytes),
+		closed: make(chan struct{}),
+	}
+	c.out.c = c
+	if s.cfg.KillSwitch > 0 {
+		c.active = make(map[*request]time.Time)
+	}
+	return c
+}
+
+// drain asks the connection to finish what it has received and close:
+// the read in progress is interrupted and anything read later is refused.
+func (c *conn) drain() {
+	c.draining.Store(true)
+	_ = c.nc.SetReadDeadline(time.Now())
+}
+
+func (c *conn) serve() {
+	defer close(c.closed)
+	defer c.srv.forget(c)
+	defer c.nc.Close()
+	defer func() {
+		if p := recover(); p != nil {
+			c.log.Error().Interface("panic", p).Bytes("stack", debug.Stack()).Msg("connection crashed")
+		}
+	}()
+	c.log.Info().Msg("client connected")
+
+	if err := c.handshake(); err != nil {
+		if errors.Is(err, nbd.ErrAborted) || isClosedConn(err) {
+			c.log.Info().Err(err).Msg("client left during handshake")
+		} else {
+			c.log.Warn().Err(err).Msg("handshake failed")
+		}
+		return
+	}
+	if c.srv.cfg.KillSwitch > 0 {
+		stop := make(chan struct{})
+		defer close(stop)
+		go c.watchdog(stop)
+	}
+	c.workers.Store(1)
+	c.wg.Add(1)
+	c.worker()
+	c.wg.Wait()
+	c.log.Info().Msg("client disconnected")
+}
+
+func (c *conn) handshake() error {
+	cfg := &c.srv.cfg
+	c.br = bufio.NewReaderSize(c.nc, 128<<10)
+	_ = c.nc.SetDeadline(time.Now().Add(cfg.HandshakeTimeout))
+	sess, err := nbd.ServerHandshake(c.br, c.nc, &nbd.ServerConfig{
+		Oldstyle: cfg.Oldstyle,
+		Lookup:   func(string) (nbd.ExportInfo, error) { return c.srv.exportInfo(), nil },
+		List:     func() []nbd.ExportInfo { return []nbd.ExportInfo{c.srv.exportInfo()} },
+		Closing:  c.draining.Load,
+	})
+	if err != nil {
+		return err
+	}
+	_ = c.nc.SetDeadline(time.Time{})
+	if c.draining.Load() {
+		// drain ran while the deadline above was being cleared.
+		_ = c.nc.SetReadDeadline(time.Now())
+	}
+	c.sess = sess
+	c.size = sess.Export.Size
+	c.maxPayload = sess.Export.MaxBlock
+	c.log.Info().Bool("oldstyle", sess.Oldstyle).Bool("structured", sess.Structured).
+		Bool("block_status", sess.AllocationContext != 0).Str("export", sess.Export.Name).
+		Msg("handshake complete")
+	return nil
+}
+
+func (s *Server) exportInfo() nbd.ExportInfo {
+	flags := nbd.FlagHasFlags | nbd.FlagSendFlush | nbd.FlagSendFUA | nbd.FlagSendTrim |
+		nbd.FlagSendWriteZeroes | nbd.FlagSendFastZero | nbd.FlagSendCache | nbd.FlagCanMultiConn
+	if s.cfg.ReadOnly {
+		flags |= nbd.FlagReadOnly
+	}
+	return nbd.ExportInfo{
+		Name:           s.cfg.ExportName,
+		Size:           s.cfg.Backend.Size(),
+		Flags:          flags,
+		MinBlock:       1,
+		PreferredBlock: 4096,
+		MaxBlock:       nbd.DefaultMaxPayload,
+	}
+}
+
+// worker alternates between reading one request and executing it.
+func (c *conn) worker() {
+	defer c.wg.Done()
+	defer c.workers.Add(-1)
+	for {
+		c.waiting.Add(1)
+		c.readMu.Lock()
+		c.waiting.Add(-1)
+		if c.stopped {
+			c.readMu.Unlock()
+			return
+		}
+		r, err := c.readRequest()
+		if err != nil {
+			c.stopped = true
+			c.readMu.Unlock()
+			c.endReading(err)
+			return
+		}
+		if r == nil { // answered while reading
+			c.readMu.Unlock()
+			continue
+		}
+		if c.waiting.Load() == 0 && c.workers.Load() < int32(c.srv.cfg.MaxInFlight) {
+			c.workers.Add(1)
+			c.wg.Add(1)
+			go c.worker()
+		}
+		c.readMu.Unlock()
+		c.execute(r)
+	}
+}
+
+// errDisconnect ends reading when the client sends NBD_CMD_DISC.
+var errDisconnect = errors.New("client sent disconnect")
+
+func (c *conn) endReading(err error) {
+	var ne net.Error
+	switch {
+	case errors.Is(err, errDisconnect):
+		c.log.Debug().Msg("disconnect requested")
+	case c.draining.Load() && (errors.As(err, &ne) && ne.Timeout() || errors.Is(err, errShutdown)):
+		c.log.Debug().Msg("stopped reading for shutdown")
+	case errors.Is(err, io.EOF) || isClosedConn(err):
+		c.log.Debug().Err(err).Msg("connection closed by peer")
+	default:
+		c.log.Warn().Err(err).Msg("dropping connection")
+	}
+}
+
+func isClosedConn(err error) bool {
+	return errors.Is(err, net.ErrClosed) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, io.EOF)
+}
+
+// readRequest reads the next request. It returns nil, nil for a request it
+// answered by itself (a refused request, or a write too large to buffer).
+// Called with readMu held; registration with the ordering gate happens
+// here, so arrival order is registration order.
+func (c *conn) readRequest() (*request, error) {
+	var hdr [nbd.RequestHeaderSize]byte
+	if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
+		return nil, err
+	}
+	req, err := nbd.DecodeRequest(&hdr)
+	if err != nil {
+		return nil, err
+	}
+	if req.Type == nbd.CmdDisc {
+		return nil, errDisconnect
+	}
+	c.srv.stats.Requests.Add(1)
+	if c.draining.Load() {
+		c.refuse(req, nbd.ESHUTDOWN, "server is shutting down")
+		if req.Type == nbd.CmdWrite {
+			return nil, errShutdown // its payload is not worth reading
+		}
+		return nil, nil
+	}
+	if errno, msg := c.validate(&req); errno != 0 {
+		if req.Type == nbd.CmdWrite {
+			if _, err := c.br.Discard(int(req.Length)); err != nil {
+				return nil, fmt.Errorf("drain refused write: %w", err)
+			}
+		}
+		c.refuse(req, errno, msg)
+		return nil, nil
+	}
+	if req.Type == nbd.CmdWrite && req.Length > c.maxPayload {
+		return nil, c.streamWrite(req)
+	}
+
+	r := newRequest(c, req)
+	end := req.Offset + uint64(req.Length)
+	switch req.Type {
+	case nbd.CmdWrite:
+		r.reserve(int(req.Length))
+		r.span = c.srv.gate.register(req.Offset, end, true)
+		r.buf = getBuf(int(req.Length))
+		if _, err := io.ReadFull(c.br, r.buf); err != nil {
+			c.srv.gate.release(r.span)
+			r.span = nil
+			r.free()
+			return nil, fmt.Errorf("read write payload: %w", err)
+		}
+	case nbd.CmdRead:
+		r.reserve(int(req.Length))
+		r.span = c.srv.gate.register(req.Offset, end, false)
+	case nbd.CmdTrim, nbd.CmdWriteZeroes:
+		r.span = c.srv.gate.register(req.Offset, end, true)
+	case nbd.CmdCache, nbd.CmdBlockStatus:
+		r.span = c.srv.gate.register(req.Offset, end, false)
+	}
+	if c.active != nil {
+		c.activeMu.Lock()
+		c.active[r] = time.Now()
+		c.activeMu.Unlock()
+	}
+	return r, nil
+}
+
+// refuse answers a request that will not be executed.
+func (c *conn) refuse(req nbd.Request, errno nbd.Errno, msg string) {
+	c.srv.stats.Errors.Add(1)
+	c.log.Debug().Uint16("cmd", uint16(req.Type)).Uint64("offset", req.Offset).
+		Uint32("length", req.Length).Uint32("errno", uint32(errno)).Msg(msg)
+	r := newRequest(c, req)
+	r.setError(errno, msg)
+	c.out.send(r)
+}
+
+// execute runs an admitted request and queues its reply.
+func (c *conn) execute(r *request) {
+	defer func() {
+		if p := recover(); p != nil {
+			c.log.Error().Interface("panic", p).Bytes("stack", debug.Stack()).Msg("request crashed")
+			if r.span != nil {
+				c.srv.gate.release(r.span)
+				r.span = nil
+			}
+			r.setError(nbd.EIO, "internal error")
+			c.out.send(r)
+		}
+	}()
+	if r.span != nil {
+		r.span.wait()
+	}
+	var err error
+	switch r.Type {
+	case nbd.CmdRead:
+		err = c.handleRead(r)
+	case nbd.CmdWrite:
+		err = c.handleWrite(r)
+	case nbd.CmdFlush:
+		err = c.handleFlush(r)
+	case nbd.CmdTrim:
+		err = c.handleTrim(r)
+	case nbd.CmdWriteZeroes:
+		err = c.handleWriteZeroes(r)
+	case nbd.CmdCache:
+		err = c.handleCache(r)
+	case nbd.CmdBlockStatus:
+		err = c.handleBlockStatus(r)
+	}
+	if r.span != nil {
+		c.srv.gate.release(r.span)
+		r.span = nil
+	}
+	if err != nil {
+		errno := nbd.ErrnoOf(err)
+		c.srv.stats.Errors.Add(1)
+		c.log.Warn().Err(err).Uint16("cmd", uint16(r.Type)).Uint64("offset", r.Offset).
+			Uint32("length", r.Length).Msg("request failed")
+		r.setError(errno, err.Error())
+	}
+	c.out.send(r)
+}
+
+// streamWrite executes a write too large to buffer (accepted in oldstyle
+// mode, as the C flexnbd accepts them) piece by piece while holding the
+// reading role, so it needs no more memory than a normal request.
+func (c *conn) streamWrite(req nbd.Request) error {
+	const piece = 8 << 20
+	r := newRequest(c, req)
+	end := req.Offset + uint64(req.Length)
+	r.reserve(piece)
+	r.buf = getBuf(piece)
+	sp := c.srv.gate.register(req.Offset, end, true)
+	sp.wait()
+	var werr, rerr error
+	for off := req.Offset; off < end; {
+		n := min(uint64(piece), end-off)
+		if _, rerr = io.ReadFull(c.br, r.buf[:n]); rerr != nil {
+			break
+		}
+		if werr == nil {
+			werr = c.srv.cfg.Backend.WriteAt(r.buf[:n], off, false)
+		}
+		off += n
+	}
+	if werr == nil && rerr == nil && req.Flags&nbd.CmdFlagFUA != 0 {
+		werr = c.srv.cfg.Backend.Sync()
+	}
+	c.srv.notifyWrite(req.Offset, uint64(req.Length))
+	c.srv.gate.release(sp)
+	if rerr != nil {
+		r.free()
+		return fmt.Errorf("read write payload: %w", rerr)
+	}
+	if werr != nil {
+		c.srv.stats.Errors.Add(1)
+		r.setError(nbd.ErrnoOf(werr), werr.Error())
+	} else {
+		c.srv.stats.BytesWritten.Add(uint64(req.Length))
+	}
+	c.out.send(r)
+	return nil
+}
+
+// watchdog enforces the kill switch: a request unanswered for longer than
+// KillSwitch drops the whole connection, as the C flexnbd does.
+func (c *conn) watchdog(stop <-chan struct{}) {
+	limit := c.srv.cfg.KillSwitch
+	tick := time.NewTicker(min(limit/4, time.Second))
+	defer tick.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case now := <-tick.C:
+			c.activeMu.Lock()
+			var oldest time.Time
+			for _, t := range c.active {
+				if oldest.IsZero() || t.Before(oldest) {
+					oldest = t
+				}
+			}
+			c.activeMu.Unlock()
+			if !oldest.IsZero() && now.Sub(oldest) > limit {
+				c.log.Warn().Dur("limit", limit).Dur("age", now.Sub(oldest)).
+					Msg("kill switch: request took too long; dropping client")
+				c.nc.Close()
+				// The stuck request may never return; the client
+				// is gone as far as anyone can tell.
+				c.srv.forget(c)
+				return
+			}
+		}
+	}
+}

@@ -1,0 +1,241 @@
+package server
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/flexnbd/flexnbd/nbd"
+	"github.com/flexnbd/flexnbd/sparse"
+)
+
+// Backend is the storage behind the export. File is the real one; tests
+// substitute backends that fail or stall to check how the server copes.
+//
+// The server never issues overlapping calls concurrently, except reads with
+// reads, so a Backend needs no locking of its own for data consistency.
+type Backend interface {
+	// Size is the export size in bytes; it does not change while serving.
+	Size() uint64
+	// ReadAt fills p from off entirely or fails.
+	ReadAt(p []byte, off uint64) error
+	// WriteAt writes p at off; with fua it returns once p is durable.
+	WriteAt(p []byte, off uint64, fua bool) error
+	// Sync makes every completed write durable.
+	Sync() error
+	// Trim discards a range; it may do nothing.
+	Trim(off, length uint64) error
+	// Zero makes a range read as zeroes, deallocating it unless noHole.
+	// With fastOnly it must fail with nbd.ENOTSUP rather than fall back
+	// to writing zeroes.
+	Zero(off, length uint64, noHole, fastOnly bool) error
+	// Extents calls fn with consecutive data and hole runs covering
+	// [off, off+length) until fn returns false.
+	Extents(off, length uint64, fn func(off, length uint64, hole bool) bool) error
+	// MayHaveHoles is false when the backend knows every byte is allocated,
+	// which lets reads skip the extent lookup.
+	MayHaveHoles() bool
+	// Cache hints that a range will be read soon.
+	Cache(off, length uint64) error
+}
+
+// File serves a regular file or a block device.
+type File struct {
+	f        *os.File
+	fd       int
+	size     uint64
+	readOnly bool
+	// holes is set once any hole exists (found at open or punched since).
+	holes atomic.Bool
+}
+
+// OpenFile opens path for serving. The export size is the file size rounded
+// down to a multiple of 512, as the C flexnbd does.
+func OpenFile(path string, readOnly bool) (*File, error) {
+	flag := os.O_RDWR
+	if readOnly {
+		flag = os.O_RDONLY
+	}
+	f, err := os.OpenFile(path, flag, 0)
+	if err != nil {
+		return nil, err
+	}
+	fd := int(f.Fd())
+	size, err := sparse.Size(fd)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	size &^= 511
+	file := &File{f: f, fd: fd, size: uint64(size), readOnly: readOnly}
+	holes, err := sparse.HasHoles(fd, size)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	file.holes.Store(holes)
+	return file, nil
+}
+
+// Close closes the file.
+func (f *File) Close() error { return f.f.Close() }
+
+// Size implements Backend.
+func (f *File) Size() uint64 { return f.size }
+
+// MayHaveHoles implements Backend.
+func (f *File) MayHaveHoles() bool { return f.holes.Load() }
+
+// ReadAt implements Backend. Reading a hole returns zeroes without
+// allocating anything.
+func (f *File) ReadAt(p []byte, off uint64) error {
+	for len(p) > 0 {
+		n, err := unix.Pread(f.fd, p, int64(off))
+		switch {
+		case errors.Is(err, unix.EINTR):
+			continue
+		case err != nil:
+			return err
+		case n == 0:
+			// The file shrank under us: it is no longer the export we
+			// announced, and zeroes would be a lie.
+			return unix.EIO
+		}
+		p = p[n:]
+		off += uint64(n)
+	}
+	return nil
+}
+
+// WriteAt implements Backend. A buffer of zeroes aimed at a hole is not
+// written at all, so copying a sparse image keeps it sparse.
+func (f *File) WriteAt(p []byte, off uint64, fua bool) error {
+	if f.holes.Load() && sparse.IsZero(p) {
+		return f.writeZeroesSparsely(p, off, fua)
+	}
+	return f.write(p, off, fua)
+}
+
+func (f *File) write(p []byte, off uint64, fua bool) error {
+	flags := 0
+	if fua {
+		flags = unix.RWF_DSYNC
+	}
+	syncAfter := false
+	iov := [][]byte{nil}
+	for len(p) > 0 {
+		iov[0] = p
+		n, err := unix.Pwritev2(f.fd, iov, int64(off), flags)
+		switch {
+		case errors.Is(err, unix.EINTR):
+			continue
+		case errors.Is(err, unix.EOPNOTSUPP) && flags != 0:
+			// A kernel or file without per-write sync: sync the file.
+			flags, syncAfter = 0, true
+			continue
+		case err != nil:
+			return err
+		}
+		p = p[n:]
+		off += uint64(n)
+	}
+	if syncAfter {
+		return f.Sync()
+	}
+	return nil
+}
+
+// writeZeroesSparsely writes only the parts of [off, off+len(p)) that are
+// allocated; holes already read as zeroes.
+func (f *File) writeZeroesSparsely(p []byte, off uint64, fua bool) error {
+	var werr error
+	err := f.Extents(off, uint64(len(p)), func(o, n uint64, hole bool) bool {
+		if !hole {
+			werr = f.write(p[o-off:o-off+n], o, false)
+		}
+		return werr == nil
+	})
+	if err == nil {
+		err = werr
+	}
+	if err == nil && fua {
+		err = f.Sync()
+	}
+	return err
+}
+
+// Sync implements Backend with fdatasync: the file's size never changes,
+// and fdatasync still covers the allocation changes needed to read data back.
+func (f *File) Sync() error {
+	for {
+		err := unix.Fdatasync(f.fd)
+		if !errors.Is(err, unix.EINTR) {
+			return err
+		}
+	}
+}
+
+// Trim implements Backend by punching a hole.
+func (f *File) Trim(off, length uint64) error {
+	err := sparse.PunchHole(f.fd, int64(off), int64(length))
+	if errors.Is(err, sparse.ErrNotSupported) {
+		return nil // a trim is only a hint
+	}
+	if err == nil {
+		f.holes.Store(true)
+	}
+	return err
+}
+
+// Zero implements Backend.
+func (f *File) Zero(off, length uint64, noHole, fastOnly bool) error {
+	var err error
+	if noHole {
+		err = sparse.ZeroRange(f.fd, int64(off), int64(length))
+	} else {
+		err = sparse.PunchHole(f.fd, int64(off), int64(length))
+		if err == nil {
+			f.holes.Store(true)
+		}
+	}
+	if !errors.Is(err, sparse.ErrNotSupported) {
+		return err
+	}
+	if fastOnly {
+		return nbd.ENOTSUP
+	}
+	return f.writeZeroes(off, length)
+}
+
+// writeZeroes is the slow path for files that cannot zero by allocation.
+func (f *File) writeZeroes(off, length uint64) error {
+	buf := make([]byte, min(length, 1<<20))
+	for length > 0 {
+		n := min(length, uint64(len(buf)))
+		if err := f.write(buf[:n], off, false); err != nil {
+			return err
+		}
+		off += n
+		length -= n
+	}
+	return nil
+}
+
+// Extents implements Backend.
+func (f *File) Extents(off, length uint64, fn func(off, length uint64, hole bool) bool) error {
+	if !f.holes.Load() {
+		fn(off, length, false)
+		return nil
+	}
+	return sparse.Walk(f.fd, int64(off), int64(off+length), func(o, n int64, hole bool) bool {
+		return fn(uint64(o), uint64(n), hole)
+	})
+}
+
+// Cache implements Backend with readahead into the page cache.
+func (f *File) Cache(off, length uint64) error {
+	return unix.Fadvise(f.fd, int64(off), int64(length), unix.FADV_WILLNEED)
+}

@@ -1,0 +1,372 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/flexnbd/flexnbd/acl"
+	"github.com/flexnbd/flexnbd/nbd"
+)
+
+// Config describes an export and how to serve it. Backend is required; the
+// zero value of everything else is a sensible production default.
+type Config struct {
+	Backend Backend
+	// ExportName is what NBD_OPT_LIST announces. Any name a client asks
+	// for reaches the one export: C flexnbd clients send none.
+	ExportName string
+	ReadOnly   bool
+	// Oldstyle greets with the oldstyle handshake of the C flexnbd fleet;
+	// out-of-range requests then fail with ENOSPC as they do there.
+	Oldstyle bool
+	// ACL admits peers; nil admits everyone.
+	ACL *acl.List
+	// KillSwitch, if positive, disconnects a client whose request has not
+	// been answered within it (the C flexnbd's --killswitch: 120 s).
+	KillSwitch time.Duration
+	// HandshakeTimeout bounds a client's negotiation. Default 10 s.
+	HandshakeTimeout time.Duration
+	// MaxInFlight bounds the requests one connection has executing.
+	// Default 64.
+	MaxInFlight int
+	// MaxBufferBytes bounds the data buffers one connection holds.
+	// Default 128 MiB.
+	MaxBufferBytes int
+	// WriteTimeout drops a client that does not read its replies for this
+	// long. Default 2 minutes.
+	WriteTimeout time.Duration
+	// OnWrite, if set, is called after every successful change to the
+	// export (WRITE, TRIM, WRITE_ZEROES) and before it is acknowledged:
+	// the hook a mirror uses to track dirty ranges.
+	OnWrite func(off, length uint64)
+	Logger  zerolog.Logger
+}
+
+// ErrServerClosed is returned by Serve after Shutdown or Close.
+var ErrServerClosed = errors.New("server: closed")
+
+// Server serves one export to any number of clients.
+type Server struct {
+	cfg  Config
+	log  zerolog.Logger
+	gate orderGate
+	acl  atomic.Pointer[acl.List]
+	// writeHook is Config.OnWrite; swapped while serving by a mirror.
+	writeHook atomic.Pointer[func(off, length uint64)]
+
+	mu        sync.Mutex // guards the fields below
+	listeners map[net.Listener]struct{}
+	conns     map[*conn]struct{}
+	closing   bool
+	connsDone *sync.Cond // signalled when conns shrinks
+
+	stats Stats
+	start time.Time
+}
+
+// Stats are counters over the server's lifetime; read them with Stats().
+type Stats struct {
+	BytesRead       atomic.Uint64
+	BytesWritten    atomic.Uint64
+	Requests        atomic.Uint64
+	Errors          atomic.Uint64
+	ConnectionsSeen atomic.Uint64
+	Rejected        atomic.Uint64
+}
+
+// StatsSnapshot is a copy of the counters at one moment.
+type StatsSnapshot struct {
+	BytesRead, BytesWritten, Requests, Errors uint64
+	ConnectionsSeen, Rejected                 uint64
+	Clients                                   int
+	Uptime                                    time.Duration
+}
+
+// New returns a server for cfg. It does not take ownership of the backend.
+func New(cfg Config) *Server {
+	if cfg.HandshakeTimeout <= 0 {
+		cfg.HandshakeTimeout = 10 * time.Second
+	}
+	if cfg.MaxInFlight <= 0 {
+		cfg.MaxInFlight = 64
+	}
+	if cfg.MaxBufferBytes <= 0 {
+		cfg.MaxBufferBytes = 128 << 20
+	}
+	if cfg.WriteTimeout <= 0 {
+		cfg.WriteTimeout = 2 * time.Minute
+	}
+	s := &Server{
+		cfg:       cfg,
+		log:       cfg.Logger,
+		listeners: make(map[net.Listener]struct{}),
+		conns:     make(map[*conn]struct{}),
+		start:     time.Now(),
+	}
+	s.connsDone = sync.NewCond(&s.mu)
+	s.acl.Store(cfg.ACL)
+	if cfg.OnWrite != nil {
+		s.writeHook.Store(&cfg.OnWrite)
+	}
+	return s
+}
+
+// Size is the export size in bytes.
+func (s *Server) Size() uint64 { return s.cfg.Backend.Size() }
+
+// Stats returns a snapshot of the counters.
+func (s *Server) Stats() StatsSnapshot {
+	return StatsSnapshot{
+		BytesRead:       s.stats.BytesRead.Load(),
+		BytesWritten:    s.stats.BytesWritten.Load(),
+		Requests:        s.stats.Requests.Load(),
+		Errors:          s.stats.Errors.Load(),
+		ConnectionsSeen: s.stats.ConnectionsSeen.Load(),
+		Rejected:        s.stats.Rejected.Load(),
+		Clients:         s.NumClients(),
+		Uptime:          time.Since(s.start),
+	}
+}
+
+// NumClients counts connected clients, idle ones and those still
+// negotiating included.
+func (s *Server) NumClients() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.conns)
+}
+
+// ACL returns the access list in force.
+func (s *Server) ACL() *acl.List { return s.acl.Load() }
+
+// SetACL replaces the access list and disconnects connected clients it no
+// longer admits. Their requests already received are finished and answered
+// first; a request whose payload was still arriving is dropped unexecuted,
+// so nothing is half-written.
+func (s *Server) SetACL(l *acl.List) {
+	s.acl.Store(l)
+	s.mu.Lock()
+	var kick []*conn
+	for c := range s.conns {
+		if !allowed(l, c.remote) {
+			kick = append(kick, c)
+		}
+	}
+	s.mu.Unlock()
+	for _, c := range kick {
+		c.log.Info().Msg("client no longer allowed by the access list; disconnecting")
+		c.drain()
+	}
+}
+
+// SetWriteHook replaces the write observer (nil removes it). Writes that
+// complete after it returns are reported to fn.
+func (s *Server) SetWriteHook(fn func(off, length uint64)) {
+	if fn == nil {
+		s.writeHook.Store(nil)
+		return
+	}
+	s.writeHook.Store(&fn)
+}
+
+func allowed(l *acl.List, addr netip.Addr) bool {
+	if l == nil || !addr.IsValid() {
+		return true // nil list, or a Unix socket peer
+	}
+	return l.Allows(addr)
+}
+
+// Serve accepts connections on l until Shutdown or Close, and returns
+// ErrServerClosed then. Each connection is served on its own goroutines.
+func (s *Server) Serve(l net.Listener) error {
+	s.mu.Lock()
+	if s.closing {
+		s.mu.Unlock()
+		l.Close()
+		return ErrServerClosed
+	}
+	s.listeners[l] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.listeners, l)
+		s.mu.Unlock()
+	}()
+
+	var backoff time.Duration
+	for {
+		nc, err := l.Accept()
+		if err != nil {
+			if s.isClosing() {
+				return ErrServerClosed
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || isTemporaryAccept(err) {
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				s.log.Warn().Err(err).Dur("retry_in", backoff).Msg("accept failed")
+				time.Sleep(backoff)
+				continue
+			}
+			return err
+		}
+		backoff = 0
+		s.accept(nc)
+	}
+}
+
+// accept applies the access list before anything is sent, then starts the
+// connection.
+func (s *Server) accept(nc net.Conn) {
+	remote := peerAddr(nc.RemoteAddr())
+	s.stats.ConnectionsSeen.Add(1)
+	if !allowed(s.acl.Load(), remote) {
+		s.stats.Rejected.Add(1)
+		s.log.Warn().Str("peer", nc.RemoteAddr().String()).Msg("rejected by access list")
+		nc.Close()
+		return
+	}
+	if tc, ok := nc.(*net.TCPConn); ok {
+		_ = tc.SetNoDelay(true)
+		_ = tc.SetKeepAliveConfig(net.KeepAliveConfig{
+			Enable: true, Idle: 30 * time.Second, Interval: 10 * time.Second, Count: 3,
+		})
+	}
+	c := newConn(s, nc, remote)
+	s.mu.Lock()
+	if s.closing {
+		s.mu.Unlock()
+		nc.Close()
+		return
+	}
+	s.conns[c] = struct{}{}
+	s.mu.Unlock()
+	go c.serve()
+}
+
+func (s *Server) forget(c *conn) {
+	s.mu.Lock()
+	delete(s.conns, c)
+	s.connsDone.Broadcast()
+	s.mu.Unlock()
+}
+
+func (s *Server) isClosing() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closing
+}
+
+// beginClose stops accepting and returns the live connections.
+func (s *Server) beginClose() []*conn {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.closing = true
+	for l := range s.listeners {
+		l.Close()
+	}
+	conns := make([]*conn, 0, len(s.conns))
+	for c := range s.conns {
+		conns = append(conns, c)
+	}
+	return conns
+}
+
+// Shutdown stops accepting, lets every connection finish the requests it
+// has received (later ones get ESHUTDOWN), closes them, and syncs the
+// export. If ctx ends first, remaining connections are closed abruptly and
+// ctx's error is returned.
+func (s *Server) Shutdown(ctx context.Context) error {
+	for _, c := range s.beginClose() {
+		c.drain()
+	}
+	done := make(chan struct{})
+	go func() {
+		s.mu.Lock()
+		for len(s.conns) > 0 {
+			s.connsDone.Wait()
+		}
+		s.mu.Unlock()
+		close(done)
+	}()
+	var err error
+	select {
+	case <-done:
+	case <-ctx.Done():
+		err = ctx.Err()
+		s.closeConns()
+		<-done
+	}
+	if serr := s.cfg.Backend.Sync(); serr != nil && err == nil {
+		err = serr
+	}
+	return err
+}
+
+// Close stops accepting and closes every connection at once; requests in
+// flight finish but their replies are lost. The export is synced.
+func (s *Server) Close() error {
+	s.beginClose()
+	s.closeConns()
+	s.mu.Lock()
+	for len(s.conns) > 0 {
+		s.connsDone.Wait()
+	}
+	s.mu.Unlock()
+	return s.cfg.Backend.Sync()
+}
+
+func (s *Server) closeConns() {
+	s.mu.Lock()
+	for c := range s.conns {
+		c.nc.Close()
+	}
+	s.mu.Unlock()
+}
+
+// DropClients disconnects every client gracefully, as Shutdown does for
+// each, and returns once they are gone or ctx ends. New clients are still
+// accepted; a migration refuses them through the ACL or Close.
+func (s *Server) DropClients(ctx context.Context) error {
+	s.mu.Lock()
+	conns := make([]*conn, 0, len(s.conns))
+	for c := range s.conns {
+		conns = append(conns, c)
+	}
+	s.mu.Unlock()
+	for _, c := range conns {
+		c.drain()
+	}
+	for _, c := range conns {
+		select {
+		case <-c.closed:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
+}
+
+func peerAddr(a net.Addr) netip.Addr {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		if ip, ok := netip.AddrFromSlice(ta.IP); ok {
+			return ip
+		}
+	}
+	return netip.Addr{}
+}
+
+func isTemporaryAccept(err error) bool {
+	// EMFILE, ENFILE, ECONNABORTED and friends: the listener is fine.
+	var se interface{ Temporary() bool }
+	return errors.As(err, &se) && se.Temporary()
+}
+
+// errShutdown is the reply to requests that arrive while draining.
+var errShutdown = nbd.ESHUTDOWN
