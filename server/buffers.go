@@ -66,6 +66,17 @@ func (b *budget) acquire(n int) {
 	b.mu.Unlock()
 }
 
+// tryAcquire takes n bytes if that needs no waiting.
+func (b *budget) tryAcquire(n int) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.used > 0 && b.used+n > b.limit {
+		return false
+	}
+	b.used += n
+	return true
+}
+
 func (b *budget) release(n int) {
 	if n == 0 {
 		return

@@ -18,12 +18,14 @@ import (
 	"github.com/flexnbd/flexnbd/nbd"
 )
 
-// conn serves one client. Requests are read by whichever worker holds
-// readMu; having read one (and registered it with the ordering gate) that
-// worker hands the reading role on and executes the request itself. So a
-// request costs no goroutine hand-off, requests run concurrently up to
-// MaxInFlight, and backpressure reaches the client through TCP when every
-// worker is busy. Replies leave through out, which batches them.
+// conn serves one client. One goroutine reads requests and registers them
+// with the ordering gate in arrival order. A request that can complete
+// without waiting (a read found in the page cache, a plain write, nothing
+// earlier in its way) runs right there on the reader, and its reply is held
+// back until the reader has no more buffered requests: a burst of requests
+// costs one read and one writev. Anything that may wait runs on a goroutine
+// of its own, up to MaxInFlight at once, so a slow request never holds up
+// the others, and backpressure reaches the client through TCP.
 type conn struct {
 	// immutable after newConn
 	srv    *Server
@@ -39,12 +41,8 @@ type conn struct {
 	size       uint64
 	maxPayload uint32
 
-	readMu  sync.Mutex // held by the worker reading the next request
-	stopped bool       // guarded by readMu: nothing more will be read
-
-	waiting  atomic.Int32 // workers queued for readMu
-	workers  atomic.Int32
-	wg       sync.WaitGroup
+	slots    chan struct{} // one per request executing
+	wg       sync.WaitGroup // request goroutines
 	draining atomic.Bool
 
 	out replyWriter
@@ -61,6 +59,7 @@ func newConn(s *Server, nc net.Conn, remote netip.Addr) *conn {
 		remote: remote,
 		log:    s.log.With().Str("peer", nc.RemoteAddr().String()).Logger(),
 		budget: newBudget(s.cfg.MaxBufferBytes),
+		slots:  make(chan struct{}, s.cfg.MaxInFlight),
 		closed: make(chan struct{}),
 	}
 	c.out.c = c
@@ -101,9 +100,7 @@ func (c *conn) serve() {
 		defer close(stop)
 		go c.watchdog(stop)
 	}
-	c.workers.Store(1)
-	c.wg.Add(1)
-	c.worker()
+	c.endReading(c.readLoop())
 	c.wg.Wait()
 	c.log.Info().Msg("client disconnected")
 }
@@ -151,36 +148,39 @@ func (s *Server) exportInfo() nbd.ExportInfo {
 	}
 }
 
-// worker alternates between reading one request and executing it.
-func (c *conn) worker() {
-	defer c.wg.Done()
-	defer c.workers.Add(-1)
+// readLoop reads requests until the client leaves, breaks the protocol or
+// the connection drains, and starts each one.
+func (c *conn) readLoop() error {
+	defer c.out.flush()
 	for {
-		c.waiting.Add(1)
-		c.readMu.Lock()
-		c.waiting.Add(-1)
-		if c.stopped {
-			c.readMu.Unlock()
-			return
-		}
 		r, err := c.readRequest()
 		if err != nil {
-			c.stopped = true
-			c.readMu.Unlock()
-			c.endReading(err)
-			return
+			return err
 		}
 		if r == nil { // answered while reading
-			c.readMu.Unlock()
 			continue
 		}
-		if c.waiting.Load() == 0 && c.workers.Load() < int32(c.srv.cfg.MaxInFlight) {
-			c.workers.Add(1)
-			c.wg.Add(1)
-			go c.worker()
+		if r.quick() && (r.span == nil || r.span.ready()) && c.execute(r, true) {
+			c.out.hold(r)
+			continue
 		}
-		c.readMu.Unlock()
-		c.execute(r)
+		c.needFlush(0)
+		c.slots <- struct{}{}
+		c.wg.Add(1)
+		go func() {
+			defer c.wg.Done()
+			c.execute(r, false)
+			c.out.send(r)
+			<-c.slots
+		}()
+	}
+}
+
+// needFlush sends held replies unless n more bytes are already buffered:
+// a read that may block must not keep replies the client waits for.
+func (c *conn) needFlush(n int) {
+	if c.br.Buffered() < n || n == 0 {
+		c.out.flush()
 	}
 }
 
@@ -208,10 +208,11 @@ func isClosedConn(err error) bool {
 
 // readRequest reads the next request. It returns nil, nil for a request it
 // answered by itself (a refused request, or a write too large to buffer).
-// Called with readMu held; registration with the ordering gate happens
-// here, so arrival order is registration order.
+// Registration with the ordering gate happens here, so arrival order is
+// registration order.
 func (c *conn) readRequest() (*request, error) {
 	var hdr [nbd.RequestHeaderSize]byte
+	c.needFlush(len(hdr))
 	if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
 		return nil, err
 	}
@@ -250,6 +251,7 @@ func (c *conn) readRequest() (*request, error) {
 		r.reserve(int(req.Length))
 		r.span = c.srv.gate.register(req.Offset, end, true)
 		r.buf = getBuf(int(req.Length))
+		c.needFlush(len(r.buf))
 		if _, err := io.ReadFull(c.br, r.buf); err != nil {
 			c.srv.gate.release(r.span)
 			r.span = nil
@@ -279,11 +281,13 @@ func (c *conn) refuse(req nbd.Request, errno nbd.Errno, msg string) {
 		Uint32("length", req.Length).Uint32("errno", uint32(errno)).Msg(msg)
 	r := newRequest(c, req)
 	r.setError(errno, msg)
-	c.out.send(r)
+	c.out.hold(r)
 }
 
-// execute runs an admitted request and queues its reply.
-func (c *conn) execute(r *request) {
+// execute runs an admitted request and builds its reply. With nowait it
+// may instead give up before changing anything and return false; the
+// request is then still registered and must be executed again.
+func (c *conn) execute(r *request, nowait bool) (done bool) {
 	defer func() {
 		if p := recover(); p != nil {
 			c.log.Error().Interface("panic", p).Bytes("stack", debug.Stack()).Msg("request crashed")
@@ -292,7 +296,7 @@ func (c *conn) execute(r *request) {
 				r.span = nil
 			}
 			r.setError(nbd.EIO, "internal error")
-			c.out.send(r)
+			done = true
 		}
 	}()
 	if r.span != nil {
@@ -301,7 +305,11 @@ func (c *conn) execute(r *request) {
 	var err error
 	switch r.Type {
 	case nbd.CmdRead:
-		err = c.handleRead(r)
+		err = c.handleRead(r, nowait)
+		if err == ErrWouldBlock {
+			r.segs = r.segs[:0]
+			return false
+		}
 	case nbd.CmdWrite:
 		err = c.handleWrite(r)
 	case nbd.CmdFlush:
@@ -326,12 +334,12 @@ func (c *conn) execute(r *request) {
 			Uint32("length", r.Length).Msg("request failed")
 		r.setError(errno, err.Error())
 	}
-	c.out.send(r)
+	return true
 }
 
 // streamWrite executes a write too large to buffer (accepted in oldstyle
-// mode, as the C flexnbd accepts them) piece by piece while holding the
-// reading role, so it needs no more memory than a normal request.
+// mode, as the C flexnbd accepts them) piece by piece on the reader, so it
+// needs no more memory than a normal request.
 func (c *conn) streamWrite(req nbd.Request) error {
 	const piece = 8 << 20
 	r := newRequest(c, req)
@@ -365,8 +373,9 @@ func (c *conn) streamWrite(req nbd.Request) error {
 		r.setError(nbd.ErrnoOf(werr), werr.Error())
 	} else {
 		c.srv.stats.BytesWritten.Add(uint64(req.Length))
+		r.setOK()
 	}
-	c.out.send(r)
+	c.out.hold(r)
 	return nil
 }
 

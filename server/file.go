@@ -20,8 +20,10 @@ import (
 type Backend interface {
 	// Size is the export size in bytes; it does not change while serving.
 	Size() uint64
-	// ReadAt fills p from off entirely or fails.
-	ReadAt(p []byte, off uint64) error
+	// ReadAt fills p from off entirely or fails. With nowait it may
+	// instead fail with ErrWouldBlock when the data is not at hand (not in
+	// the page cache), so that the caller can retry where blocking is fine.
+	ReadAt(p []byte, off uint64, nowait bool) error
 	// WriteAt writes p at off; with fua it returns once p is durable.
 	WriteAt(p []byte, off uint64, fua bool) error
 	// Sync makes every completed write durable.
@@ -41,6 +43,9 @@ type Backend interface {
 	// Cache hints that a range will be read soon.
 	Cache(off, length uint64) error
 }
+
+// ErrWouldBlock is returned by a nowait ReadAt that would have to wait.
+var ErrWouldBlock = errors.New("server: read would block")
 
 // File serves a regular file or a block device.
 type File struct {
@@ -90,15 +95,26 @@ func (f *File) Size() uint64 { return f.size }
 func (f *File) MayHaveHoles() bool { return f.holes.Load() }
 
 // ReadAt implements Backend. Reading a hole returns zeroes without
-// allocating anything.
-func (f *File) ReadAt(p []byte, off uint64) error {
+// allocating anything. nowait uses RWF_NOWAIT, which fails instead of
+// starting disk I/O.
+func (f *File) ReadAt(p []byte, off uint64, nowait bool) error {
+	flags := 0
+	if nowait {
+		flags = unix.RWF_NOWAIT
+	}
+	iov := [][]byte{nil}
 	for len(p) > 0 {
-		n, err := unix.Pread(f.fd, p, int64(off))
+		iov[0] = p
+		n, err := unix.Preadv2(f.fd, iov, int64(off), flags)
 		switch {
 		case errors.Is(err, unix.EINTR):
 			continue
+		case nowait && (errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EOPNOTSUPP)):
+			return ErrWouldBlock
 		case err != nil:
 			return err
+		case n == 0 && nowait:
+			return ErrWouldBlock
 		case n == 0:
 			// The file shrank under us: it is no longer the export we
 			// announced, and zeroes would be a lie.

@@ -58,12 +58,12 @@ func (c *conn) validate(r *nbd.Request) (nbd.Errno, string) {
 // what lies beyond is sent as data, which is always correct.
 const maxReadRuns = 64
 
-func (c *conn) handleRead(r *request) error {
+func (c *conn) handleRead(r *request, nowait bool) error {
 	be := c.srv.cfg.Backend
 	n := int(r.Length)
 	if !c.sess.Structured {
 		r.buf = getBuf(n)
-		if err := be.ReadAt(r.buf, r.Offset); err != nil {
+		if err := be.ReadAt(r.buf, r.Offset, nowait); err != nil {
 			return err
 		}
 		r.hdr = nbd.AppendSimpleReply(r.hdr[:0], 0, r.Cookie)
@@ -115,7 +115,7 @@ func (c *conn) handleRead(r *request) error {
 		}
 		lo := int(ru.off - r.Offset)
 		hi := lo + int(ru.len)
-		if err := be.ReadAt(r.buf[lo:hi], ru.off); err != nil {
+		if err := be.ReadAt(r.buf[lo:hi], ru.off, nowait); err != nil {
 			r.segs = r.segs[:0]
 			return err
 		}

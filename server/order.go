@@ -62,6 +62,9 @@ func (g *orderGate) register(off, end uint64, write bool) *span {
 	return s
 }
 
+// ready reports whether s has nothing to wait for.
+func (s *span) ready() bool { return len(s.deps) == 0 }
+
 // wait blocks until every earlier conflicting span was released.
 func (s *span) wait() {
 	for i, d := range s.deps {

@@ -46,9 +46,24 @@ func newRequest(c *conn, req nbd.Request) *request {
 	return r
 }
 
+// maxQuickLength bounds the requests run on the reader: copying more than
+// this is better overlapped with reading the next request.
+const maxQuickLength = 128 << 10
+
+// quick reports whether the request is cheap enough to run on the reader:
+// small reads and writes, no syncing.
+func (r *request) quick() bool {
+	return (r.Type == nbd.CmdRead || r.Type == nbd.CmdWrite) &&
+		r.Flags&nbd.CmdFlagFUA == 0 && r.Length <= maxQuickLength
+}
+
 // reserve takes n bytes of the connection's buffer budget for this request.
+// Held replies own budget too, so they are sent before waiting for more.
 func (r *request) reserve(n int) {
-	r.c.budget.acquire(n)
+	if !r.c.budget.tryAcquire(n) {
+		r.c.out.flush()
+		r.c.budget.acquire(n)
+	}
 	r.budgeted += n
 }
 
@@ -98,22 +113,54 @@ func (r *request) setError(errno nbd.Errno, msg string) {
 	r.segs = append(r.segs[:0], seg{hi: len(r.hdr)})
 }
 
-// replyWriter sends replies. There is no writer goroutine: the first worker
-// to queue a reply while nobody is writing becomes the writer and keeps
-// sending, in one writev per round, everything queued meanwhile. Under load
-// replies are batched; alone, a reply is written at once by its own worker.
+// replyWriter sends replies. There is no writer goroutine: whoever queues
+// a reply while nobody is writing becomes the writer and keeps sending, in
+// one writev per round, everything queued meanwhile. The reader holds the
+// replies of requests it ran itself until it has drained its input, so a
+// burst of requests is answered with one writev.
 type replyWriter struct {
 	c *conn
 
-	mu      sync.Mutex // guards queue, spare and busy
+	mu      sync.Mutex // guards queue, spare, busy and held
 	queue   []*request
 	spare   []*request
 	busy    bool
+	held    int         // bytes of data queued by hold and not yet written
 	iov     net.Buffers // owned by the current writer
 	failed  bool        // owned by the current writer
 	renewAt time.Time   // owned by the current writer: when to push the deadline
 }
 
+// Replies held by the reader are sent anyway once there are this many.
+const (
+	maxHeldReplies = 64
+	maxHeldBytes   = 1 << 20
+)
+
+// hold queues r's reply without writing, unless too much is held already.
+func (w *replyWriter) hold(r *request) {
+	w.mu.Lock()
+	w.queue = append(w.queue, r)
+	w.held += len(r.buf)
+	if len(w.queue) < maxHeldReplies && w.held < maxHeldBytes || w.busy {
+		w.mu.Unlock()
+		return
+	}
+	w.writeQueued()
+}
+
+// flush writes whatever is queued, unless a writer is already at it.
+func (w *replyWriter) flush() {
+	w.mu.Lock()
+	if w.busy || len(w.queue) == 0 {
+		w.mu.Unlock()
+		return
+	}
+	w.writeQueued()
+}
+
+// send queues r's reply and writes it now, unless a writer is already at
+// it (and will pick it up).
 func (w *replyWriter) send(r *request) {
 	w.mu.Lock()
 	w.queue = append(w.queue, r)
@@ -121,10 +168,17 @@ func (w *replyWriter) send(r *request) {
 		w.mu.Unlock()
 		return
 	}
+	w.writeQueued()
+}
+
+// writeQueued is entered with mu held and busy false, and returns with mu
+// released once the queue is empty.
+func (w *replyWriter) writeQueued() {
 	w.busy = true
 	for len(w.queue) > 0 {
 		batch := w.queue
 		w.queue = w.spare[:0]
+		w.held = 0
 		w.mu.Unlock()
 		w.write(batch)
 		for i, r := range batch {
