@@ -41,7 +41,7 @@ type conn struct {
 	size       uint64
 	maxPayload uint32
 
-	slots    chan struct{} // one per request executing
+	slots    chan struct{}  // one per request executing
 	wg       sync.WaitGroup // request goroutines
 	draining atomic.Bool
 
