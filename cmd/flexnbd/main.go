@@ -13,10 +13,14 @@ import (
 // cli lists the modes; each mode's Run wires packages together and returns
 // an error for a one-line report and exit status 1.
 type cli struct {
-	Serve ServeCmd `cmd:"" help:"Serve a file or block device over NBD."`
-	Read  ReadCmd  `cmd:"" help:"Read a range of an NBD export to standard output."`
-	Write WriteCmd `cmd:"" help:"Write standard input to a range of an NBD export."`
-	Help  HelpCmd  `cmd:"" help:"Show help for flexnbd or one of its modes."`
+	Serve       ServeCmd       `cmd:"" help:"Serve a file or block device over NBD."`
+	Read        ReadCmd        `cmd:"" help:"Read a range of an NBD export to standard output."`
+	Write       WriteCmd       `cmd:"" help:"Write standard input to a range of an NBD export."`
+	Status      StatusCmd      `cmd:"" help:"Print the status of a running flexnbd."`
+	ACL         ACLCmd         `cmd:"" name:"acl" help:"Replace the access list of a running flexnbd."`
+	Break       BreakCmd       `cmd:"" name:"break" help:"Abandon the migration of a running flexnbd."`
+	MirrorSpeed MirrorSpeedCmd `cmd:"" name:"mirror-speed" help:"Change the speed limit of a running migration."`
+	Help        HelpCmd        `cmd:"" help:"Show help for flexnbd or one of its modes."`
 }
 
 // exitError carries an exit status other than 1.

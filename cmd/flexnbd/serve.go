@@ -11,7 +11,10 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/rs/zerolog"
+
 	"github.com/flexnbd/flexnbd/acl"
+	"github.com/flexnbd/flexnbd/control"
 	"github.com/flexnbd/flexnbd/server"
 )
 
@@ -32,6 +35,10 @@ type ServeCmd struct {
 // shutdownGrace bounds how long in-flight requests may take to finish
 // once a signal asked the server to stop.
 const shutdownGrace = 30 * time.Second
+
+// controlGrace bounds how long control conversations in progress may
+// delay a shutdown.
+const controlGrace = 2 * time.Second
 
 // Run serves until SIGINT, SIGTERM or SIGQUIT, then finishes in-flight
 // requests, syncs the file and returns.
@@ -73,11 +80,33 @@ func (c *ServeCmd) Run() error {
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(l) }()
 
+	// The control socket appears only now that the NBD port listens:
+	// scripts wait for the file and then expect to connect.
+	ctl, ctlErr, err := startControl(c.Sock, &serveHandler{srv: srv, log: log}, log)
+	if err != nil {
+		srv.Close()
+		<-serveErr
+		return err
+	}
+	defer ctl.Close() // removes the socket file on every way out
+
 	select {
 	case sig := <-sigs:
 		log.Info().Str("signal", sig.String()).Msg("shutting down")
 	case err := <-serveErr:
 		return fmt.Errorf("serve: %w", err)
+	case err := <-ctlErr:
+		srv.Close()
+		<-serveErr
+		return fmt.Errorf("control socket: %w", err)
+	}
+	// Control goes first, so the socket file is gone by the time the
+	// NBD port closes; a conversation still going after a short while is
+	// cut rather than allowed to delay the export's shutdown.
+	ctlCtx, ctlCancel := context.WithTimeout(context.Background(), controlGrace)
+	defer ctlCancel()
+	if err := ctl.Shutdown(ctlCtx); err != nil {
+		log.Warn().Err(err).Msg("control conversations cut short")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
 	defer cancel()
@@ -89,4 +118,26 @@ func (c *ServeCmd) Run() error {
 	}
 	log.Info().Msg("stopped")
 	return nil
+}
+
+// startControl serves the control socket at path, if one was asked for.
+// Without one it returns a Server that serves nothing and a channel that
+// never delivers, so the caller need not tell the cases apart.
+func startControl(path string, h control.Handler, log zerolog.Logger) (*control.Server, <-chan error, error) {
+	ctl := &control.Server{Handler: h, Logger: log.With().Str("component", "control").Logger()}
+	errs := make(chan error, 1)
+	if path == "" {
+		return ctl, errs, nil
+	}
+	cl, err := control.Listen(path)
+	if err != nil {
+		return nil, nil, err
+	}
+	log.Info().Str("sock", path).Msg("control socket ready")
+	go func() {
+		if err := ctl.Serve(cl); !errors.Is(err, control.ErrServerClosed) {
+			errs <- err
+		}
+	}()
+	return ctl, errs, nil
 }
