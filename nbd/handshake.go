@@ -215,8 +215,12 @@ func (h *serverHandshake) readData(n uint32) ([]byte, error) {
 	return data, nil
 }
 
-// reply sends one option reply; msg is the payload of an error reply.
+// reply sends one option reply; msg is the payload of an error reply,
+// cut to the spec's string limit since it may quote what the client sent.
 func (h *serverHandshake) reply(opt Opt, typ Rep, msg string) error {
+	if len(msg) > MaxStringLen {
+		msg = msg[:MaxStringLen]
+	}
 	return h.replyData(opt, typ, []byte(msg))
 }
 
