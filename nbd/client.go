@@ -64,6 +64,7 @@ type call struct {
 	errno   Errno
 	msg     string // error text from a structured error chunk
 	extents []Extent
+	covered uint64 // bytes of a structured READ described so far
 	done    chan struct{}
 }
 
@@ -357,6 +358,11 @@ func (c *Client) readReplies() error {
 		if err != nil {
 			return err
 		}
+		if h.Done() && h.Structured && cl.req.Type == CmdRead && cl.errno == 0 && cl.covered != uint64(cl.req.Length) {
+			// Bytes no chunk described would be handed back as
+			// whatever the buffer held: refuse to call that success.
+			return protocolErrorf("read reply described %d of %d bytes", cl.covered, cl.req.Length)
+		}
 		if h.Done() {
 			c.mu.Lock()
 			delete(c.pending, h.Cookie)
@@ -459,6 +465,7 @@ func (c *Client) readContent(h *ReplyHeader, cl *call) error {
 	if off < cl.req.Offset || n > uint64(cl.req.Length) || off-cl.req.Offset > uint64(cl.req.Length)-n {
 		return protocolErrorf("content chunk [%d,+%d) outside request [%d,+%d)", off, n, cl.req.Offset, cl.req.Length)
 	}
+	cl.covered += n
 	dst := cl.buf[off-cl.req.Offset : off-cl.req.Offset+n]
 	if h.Type == ReplyTypeOffsetHole {
 		clear(dst)

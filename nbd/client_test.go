@@ -300,6 +300,10 @@ func TestClientProtocolViolations(t *testing.T) {
 			return append(AppendOffsetDataHeader(nil, ReplyFlagDone, a, 1<<64-8, 16), pattern(0, 16)...)
 		}},
 		{"hole past the end", func(a uint64) []byte { return AppendOffsetHole(nil, ReplyFlagDone, a, off+32, 33) }},
+		{"success describing half the read", func(a uint64) []byte {
+			return append(AppendOffsetDataHeader(nil, ReplyFlagDone, a, off, size/2), pattern(0, size/2)...)
+		}},
+		{"NONE with nothing described", func(a uint64) []byte { return chunk(ReplyTypeNone, a, nil) }},
 		{"hole of the wrong length", func(a uint64) []byte {
 			return chunk(ReplyTypeOffsetHole, a, binary.BigEndian.AppendUint64(nil, off))
 		}},
