@@ -124,8 +124,8 @@ func (c *WriteCmd) Run() error {
 	}
 	for off := c.From; off < c.From+c.Size; off += chunk {
 		buf := make([]byte, min(chunk, c.From+c.Size-off))
-		if _, err := io.ReadFull(os.Stdin, buf); err != nil {
-			report(fmt.Errorf("standard input ended %d bytes short of %d", c.From+c.Size-off, c.Size))
+		if n, err := io.ReadFull(os.Stdin, buf); err != nil {
+			report(fmt.Errorf("standard input ended %d bytes short of %d", c.From+c.Size-off-uint64(n), c.Size))
 			break
 		}
 		sem <- struct{}{}
