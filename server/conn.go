@@ -109,6 +109,10 @@ func (c *conn) handshake() error {
 	cfg := &c.srv.cfg
 	c.br = bufio.NewReaderSize(c.nc, 128<<10)
 	_ = c.nc.SetDeadline(time.Now().Add(cfg.HandshakeTimeout))
+	if c.draining.Load() {
+		// drain ran before the deadline above replaced its own.
+		_ = c.nc.SetReadDeadline(time.Now())
+	}
 	sess, err := nbd.ServerHandshake(c.br, c.nc, &nbd.ServerConfig{
 		Oldstyle: cfg.Oldstyle,
 		Lookup:   func(string) (nbd.ExportInfo, error) { return c.srv.exportInfo(), nil },

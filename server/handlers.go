@@ -62,7 +62,9 @@ func (c *conn) handleRead(r *request, nowait bool) error {
 	be := c.srv.cfg.Backend
 	n := int(r.Length)
 	if !c.sess.Structured {
-		r.buf = getBuf(n)
+		if r.buf == nil { // a retry after ErrWouldBlock keeps its buffer
+			r.buf = getBuf(n)
+		}
 		if err := be.ReadAt(r.buf, r.Offset, nowait); err != nil {
 			return err
 		}

@@ -1,0 +1,100 @@
+// Package server serves one export, a regular file or a block device, to
+// any number of NBD clients at once.
+//
+// It owns everything between the listener and the storage: the export and
+// its size, the client connections (negotiation through package nbd, the
+// access list, the kill switch, graceful shutdown), the order in which
+// overlapping requests take effect, and durability. A mirror learns of
+// changes through the write hook (Config.OnWrite, SetWriteHook) and moves
+// clients away with SetACL, DropClients and Close; the package knows
+// nothing of mirrors or control sockets.
+//
+// # Request path
+//
+// Each connection has one reader goroutine. It decodes a request header,
+// validates the request (refusals are answered at once, and a refused
+// WRITE's payload is read and dropped so the stream stays in step),
+// reserves buffer space, reads a WRITE's payload, and registers the
+// request's byte range with the ordering gate. The request then runs its
+// handler (handleRead, handleWrite, ...) against the Backend; a change is
+// reported to the write hook before it is acknowledged; and the reply goes
+// to the connection's reply writer, which sends everything queued in one
+// writev.
+//
+// The ordering gate is shared by every connection of the export. A request
+// waits only for requests registered before it whose range overlaps its own
+// and of which at least one is a change; reads never wait for reads.
+// Overlapping requests therefore take effect in arrival order, and a read
+// never sees part of a write, which is more than the NBD specification
+// asks of a server and what clients that pipeline overlapping requests
+// (the C flexnbd's, a mirror replaying writes) silently rely on.
+//
+// # Concurrency
+//
+// A request that is cheap and cannot wait runs on the reader itself: a
+// READ or WRITE of at most 128 KiB, without FUA, whose range nothing
+// earlier holds. Reads there use RWF_NOWAIT, so data missing from the page
+// cache fails fast with ErrWouldBlock instead of stalling the reader. Their
+// replies are held back while more requests are already buffered, so a
+// burst of small requests costs one read and one write system call.
+// Everything else (cache misses, large requests, FUA, FLUSH, TRIM,
+// WRITE_ZEROES, requests that must wait in the gate) runs on a goroutine of
+// its own, at most MaxInFlight per connection, so one slow request does not
+// hold up the ones behind it; past that limit the reader stops reading and
+// TCP pushes back on the client. The data buffers one connection holds,
+// payloads and read data alike, are bounded by MaxBufferBytes; replies
+// not yet written count against it, so a client that stops reading its
+// replies stalls itself, not the server, until WriteTimeout drops it.
+//
+// # Durability
+//
+// A reply to WRITE means the data reached the page cache (or the device's
+// cache). FLUSH syncs the backend (fdatasync for File), covering every
+// write answered before it. FUA on a WRITE makes that write durable before
+// its reply (RWF_DSYNC); FUA on TRIM or WRITE_ZEROES syncs after the
+// change. Shutdown and Close sync the export last of all.
+//
+// # Sparse exports
+//
+// The File backend keeps sparse files sparse. TRIM and WRITE_ZEROES punch
+// holes; WRITE_ZEROES with NO_HOLE keeps the range allocated (zeroed by
+// fallocate, not written), and with FAST_ZERO fails with ENOTSUP rather
+// than write zeroes by hand. A WRITE whose payload is all zeroes writes
+// only the parts of its range that hold data, so copying a sparse image
+// onto the export allocates nothing for its holes. On structured
+// connections a READ sends holes as hole chunks, reading and allocating
+// nothing for them, unless the client sets DF; BLOCK_STATUS reports
+// base:allocation from SEEK_DATA and SEEK_HOLE.
+//
+// # Errors
+//
+// A request that fails gets an error reply and the connection carries on:
+// validation errors follow the specification (EINVAL, ENOSPC for WRITE and
+// WRITE_ZEROES past the end, EPERM on a read-only export, ENOSPC for everything out of
+// range on oldstyle sessions, as the C flexnbd answers), backend errors
+// map to the nearest NBD code (EIO when there is none), and a panic in a
+// handler is an EIO reply. Only a broken byte stream (a bad request magic,
+// a failed read or write on the socket) ends the connection.
+//
+// BUG(server): A small plain WRITE runs on the reader, and Backend has no
+// non-blocking write: when the page cache throttles writers or the device
+// stalls, every later request on that connection waits for it.
+//
+// BUG(server): The kill switch closes the connection of a hung request but
+// cannot cancel the backend call. Until it returns, its goroutine, its
+// buffers and its range in the ordering gate stay taken, so overlapping
+// requests from other clients wait for it too (and may be killed in turn).
+// Oldstyle writes over 32 MiB, which stream on the reader, are not watched
+// by the kill switch at all.
+//
+// BUG(server): Shutdown (even after its context ended) and Close wait for
+// the backend calls in progress; a call that never returns makes them
+// never return.
+//
+// BUG(server): A structured READ is described by at most 64 data and hole
+// chunks; holes beyond that are sent as zeroes.
+//
+// BUG(server): The export size is fixed when serving starts; RESIZE is not
+// supported, and a file that shrinks under the server makes reads past its
+// new end fail with EIO.
+package server

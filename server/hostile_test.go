@@ -1,0 +1,221 @@
+package server_test
+
+import (
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/flexnbd/flexnbd/internal/testserver"
+	"github.com/flexnbd/flexnbd/nbd"
+	"github.com/flexnbd/flexnbd/server"
+)
+
+const ihaveopt = 0x49484156454f5054
+
+// option encodes a handshake option.
+func option(opt nbd.Opt, length uint32, data []byte) []byte {
+	b := binary.BigEndian.AppendUint64(nil, ihaveopt)
+	b = binary.BigEndian.AppendUint32(b, uint32(opt))
+	b = binary.BigEndian.AppendUint32(b, length)
+	return append(b, data...)
+}
+
+// fixedNewstyle returns the client flags of a modern client, in a new slice
+// each time so that appending to it is safe.
+func fixedNewstyle() []byte {
+	return binary.BigEndian.AppendUint32(nil, uint32(nbd.FlagCFixedNewstyle))
+}
+
+// greeted connects and reads the newstyle greeting.
+func greeted(t *testing.T, addr string) net.Conn {
+	t.Helper()
+	nc, err := net.Dial("tcp", addr)
+	require.NoError(t, err)
+	t.Cleanup(func() { nc.Close() })
+	require.NoError(t, nc.SetDeadline(time.Now().Add(10*time.Second)))
+	g := make([]byte, 18)
+	_, err = io.ReadFull(nc, g)
+	require.NoError(t, err)
+	require.Equal(t, "NBDMAGIC", string(g[:8]))
+	return nc
+}
+
+// awaitClosed reads until the server closes nc, which must happen before
+// nc's deadline; it returns what was read.
+func awaitClosed(t *testing.T, nc net.Conn) []byte {
+	t.Helper()
+	b, err := io.ReadAll(nc)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatal("the server kept the connection open")
+	}
+	// A reset is fine too: the server closed with our bytes unread.
+	return b
+}
+
+// Clients that negotiate badly, or not at all, lose their connection; while
+// they try, a well-behaved client is served as usual.
+func TestHostileHandshakesAreDropped(t *testing.T) {
+	tests := []struct {
+		name string
+		send []byte
+	}{
+		{"silent", nil},
+		{"garbage", pattern(1, 4096)},
+		{"unknown client flags", binary.BigEndian.AppendUint32(nil, 0xffffffff)},
+		{"bad option magic", append(fixedNewstyle(), pattern(2, 16)...)},
+		{"huge option length, data never sent", append(fixedNewstyle(), option(999, 0xffffffff, nil)...)},
+		{"huge export name", append(fixedNewstyle(), option(nbd.OptExportName, 1<<30, nil)...)},
+		{"option without fixed newstyle", append(binary.BigEndian.AppendUint32(nil, 0), option(nbd.OptGo, 0, nil)...)},
+		{"option cut short", append(fixedNewstyle(), option(nbd.OptGo, 100, []byte{1, 2, 3})...)},
+	}
+	inst := testserver.Start(t, testserver.Options{Config: server.Config{HandshakeTimeout: time.Second}})
+	t.Run("group", func(t *testing.T) {
+		for i, tt := range tests {
+			t.Run(tt.name, func(t *testing.T) {
+				t.Parallel()
+				nc := greeted(t, inst.Addr)
+				if tt.send != nil {
+					_, err := nc.Write(tt.send)
+					require.NoError(t, err)
+				}
+				roundTrip(t, inst.Dial(t, nil), uint64(i)<<20, 1)
+				awaitClosed(t, nc)
+			})
+		}
+	})
+	waitFor(t, "every connection to be dropped", func() bool { return inst.Server.NumClients() == 0 })
+}
+
+// An option too long to buffer is skipped and refused; the negotiation
+// goes on.
+func TestOversizedOptionIsRefusedNotFatal(t *testing.T) {
+	inst := testserver.Start(t, testserver.Options{})
+	nc := greeted(t, inst.Addr)
+	msg := append(fixedNewstyle(), option(nbd.OptList, nbd.MaxOptionLen+1, make([]byte, nbd.MaxOptionLen+1))...)
+	msg = append(msg, option(nbd.OptAbort, 0, nil)...)
+	go nc.Write(msg)
+
+	rep := make([]byte, 20)
+	_, err := io.ReadFull(nc, rep)
+	require.NoError(t, err)
+	assert.Equal(t, nbd.OptList, nbd.Opt(binary.BigEndian.Uint32(rep[8:])))
+	assert.Equal(t, nbd.RepErrTooBig, nbd.Rep(binary.BigEndian.Uint32(rep[12:])))
+	_, err = io.ReadFull(nc, make([]byte, binary.BigEndian.Uint32(rep[16:])))
+	require.NoError(t, err)
+	_, err = io.ReadFull(nc, rep)
+	require.NoError(t, err, "the option after the oversized one must be answered")
+	assert.Equal(t, nbd.OptAbort, nbd.Opt(binary.BigEndian.Uint32(rep[8:])))
+	assert.Equal(t, nbd.RepAck, nbd.Rep(binary.BigEndian.Uint32(rep[12:])))
+}
+
+// Endless options would keep a connection in negotiation forever; after
+// MaxOptions the server gives up on the client.
+func TestEndlessOptionsAreCutOff(t *testing.T) {
+	inst := testserver.Start(t, testserver.Options{})
+	nc := greeted(t, inst.Addr)
+	const sent = 3 * nbd.MaxOptions
+	msg := fixedNewstyle()
+	for range sent {
+		msg = append(msg, option(999, 0, nil)...)
+	}
+	go nc.Write(msg)
+	replies := awaitClosed(t, nc)
+	n := 0
+	for len(replies) >= 20 {
+		require.Equal(t, nbd.RepErrUnsup, nbd.Rep(binary.BigEndian.Uint32(replies[12:])), "reply %d", n)
+		replies = replies[min(len(replies), 20+int(binary.BigEndian.Uint32(replies[16:]))):]
+		n++
+	}
+	assert.Empty(t, replies, "a partial reply")
+	assert.Less(t, n, sent, "the server answered every option")
+	assert.LessOrEqual(t, n, nbd.MaxOptions)
+	roundTrip(t, inst.Dial(t, nil), 0, 1)
+}
+
+// A client that sends requests but never reads the replies cannot pin the
+// server's memory or goroutines: after WriteTimeout it is dropped, and
+// others are served meanwhile.
+func TestClientThatStopsReadingIsDropped(t *testing.T) {
+	inst := testserver.Start(t, testserver.Options{Config: server.Config{
+		WriteTimeout:   300 * time.Millisecond,
+		MaxBufferBytes: 8 << 20,
+	}})
+	normal := inst.Dial(t, nil)
+	rc := dialRaw(t, inst.Addr)
+	waitFor(t, "two clients", func() bool { return inst.Server.NumClients() == 2 })
+	go func() {
+		// Far more reply data than the socket buffers hold.
+		for i := range 64 {
+			if rc.send(nbd.Request{Type: nbd.CmdRead, Cookie: uint64(i), Length: 1 << 20}, nil) != nil {
+				return
+			}
+		}
+	}()
+	roundTrip(t, normal, 0, 1)
+	waitFor(t, "the stalled client to be dropped", func() bool { return inst.Server.NumClients() == 1 })
+	roundTrip(t, normal, 0, 2)
+}
+
+// Payloads of writes the backend has not finished with are held in memory;
+// a client that keeps sending cannot make the server hold more than
+// MaxBufferBytes of them.
+func TestUnfinishedWritesStayWithinBufferBudget(t *testing.T) {
+	const (
+		limit  = 4 << 20
+		size   = 1 << 20
+		writes = 16
+		at     = 16 << 20
+	)
+	be := wrapFile(t)
+	st := newStall(t, at, at+writes*size)
+	be.write = func(p []byte, off uint64, fua bool) error {
+		if st.covers(off, len(p)) {
+			st.hold()
+		}
+		return be.Backend.WriteAt(p, off, fua)
+	}
+	inst := testserver.Start(t, testserver.Options{Config: server.Config{Backend: be, MaxBufferBytes: limit}})
+	st.releaseBeforeShutdown(t)
+	rc := dialRaw(t, inst.Addr)
+	sent := make(chan error, 1)
+	go func() {
+		for i := range writes {
+			req := nbd.Request{Type: nbd.CmdWrite, Cookie: uint64(i), Offset: at + uint64(i)*size, Length: size}
+			if err := rc.send(req, pattern(uint64(i), size)); err != nil {
+				sent <- err
+				return
+			}
+		}
+		sent <- nil
+	}()
+
+	st.awaitEntered(t, limit/size)
+	assert.LessOrEqual(t, inst.Server.BufferBytesInUse(), limit)
+	// Give a server that ignored its budget the chance to show it.
+	select {
+	case <-st.entered:
+		t.Fatal("more write payloads in flight than the budget allows")
+	case <-time.After(100 * time.Millisecond):
+	}
+	assert.LessOrEqual(t, inst.Server.BufferBytesInUse(), limit)
+
+	st.Release()
+	require.NoError(t, <-sent)
+	require.NoError(t, rc.nc.SetReadDeadline(time.Now().Add(30*time.Second)))
+	for range writes {
+		h, err := rc.reply()
+		require.NoError(t, err)
+		require.Zero(t, h.Errno)
+	}
+	assert.LessOrEqual(t, st.max.Load(), int64(limit/size))
+	got := make([]byte, size)
+	require.NoError(t, inst.Dial(t, nil).Read(testCtx(t), got, at+(writes-1)*size, 0))
+	require.Equal(t, pattern(writes-1, size), got)
+}
