@@ -140,7 +140,9 @@ func (s *Server) exportInfo() nbd.ExportInfo {
 	flags := nbd.FlagHasFlags | nbd.FlagSendFlush | nbd.FlagSendFUA | nbd.FlagSendTrim |
 		nbd.FlagSendWriteZeroes | nbd.FlagSendFastZero | nbd.FlagSendCache | nbd.FlagCanMultiConn
 	if s.cfg.ReadOnly {
+		// Offering what would only be refused invites clients to try.
 		flags |= nbd.FlagReadOnly
+		flags &^= nbd.FlagSendTrim | nbd.FlagSendWriteZeroes | nbd.FlagSendFastZero
 	}
 	return nbd.ExportInfo{
 		Name:           s.cfg.ExportName,
