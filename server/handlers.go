@@ -151,30 +151,27 @@ func (c *conn) handleFlush(r *request) error {
 }
 
 func (c *conn) handleTrim(r *request) error {
-	be := c.srv.cfg.Backend
-	if err := be.Trim(r.Offset, uint64(r.Length)); err != nil {
+	if err := c.srv.cfg.Backend.Trim(r.Offset, uint64(r.Length)); err != nil {
 		return err
 	}
-	c.srv.notifyWrite(r.Offset, uint64(r.Length))
-	if r.Flags&nbd.CmdFlagFUA != 0 {
-		if err := be.Sync(); err != nil {
-			return err
-		}
-	}
-	r.setOK()
-	return nil
+	return c.changed(r)
 }
 
 func (c *conn) handleWriteZeroes(r *request) error {
-	be := c.srv.cfg.Backend
 	noHole := r.Flags&nbd.CmdFlagNoHole != 0
 	fast := r.Flags&nbd.CmdFlagFastZero != 0
-	if err := be.Zero(r.Offset, uint64(r.Length), noHole, fast); err != nil {
+	if err := c.srv.cfg.Backend.Zero(r.Offset, uint64(r.Length), noHole, fast); err != nil {
 		return err
 	}
+	return c.changed(r)
+}
+
+// changed completes a request that changed the export without a payload:
+// the write hook sees it, and FUA makes it durable before the reply.
+func (c *conn) changed(r *request) error {
 	c.srv.notifyWrite(r.Offset, uint64(r.Length))
 	if r.Flags&nbd.CmdFlagFUA != 0 {
-		if err := be.Sync(); err != nil {
+		if err := c.srv.cfg.Backend.Sync(); err != nil {
 			return err
 		}
 	}
