@@ -1,0 +1,247 @@
+#!/usr/bin/python3
+"""Helper for scripts/bench.sh (standard library only).
+
+Subcommands:
+  ticks PID        print "TREE SYSBUSY SYSTOTAL NPROCS": CPU clock ticks used by
+                   PID and every live descendant (utime+stime of all threads,
+                   plus cutime+cstime of reaped children), the machine's busy and
+                   total ticks from /proc/stat, and the number of live
+                   descendant processes.
+  fio JSON         print "IOPS MIBPS LAT_AVG_US LAT_P99_US FIO_CPU_PCT ERROR"
+                   from one fio --output-format=json file.
+  report CSV       print the markdown tables (medians over rounds) for the
+                   rows bench.sh wrote.
+"""
+import csv
+import json
+import os
+import statistics
+import sys
+
+# Workload keys as bench.sh names them, with the label shown in the tables.
+LABELS = {
+    "rr4k_qd1": "4k randread QD1",
+    "rr4k_qd32": "4k randread QD32",
+    "rw4k_qd32": "4k randwrite QD32",
+    "sr1m_qd8": "1M seq read QD8",
+    "sw1m_qd8": "1M seq write QD8",
+}
+REFERENCE = "nbdkit"
+SUBJECT = "flexnbd"
+
+
+def stat_fields(pid):
+    """Return (ppid, ticks) for one process from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        raw = f.read()
+    # The command name is in parentheses and may hold anything; the fixed
+    # fields start after the last closing parenthesis.
+    fields = raw[raw.rindex(")") + 1:].split()
+    # fields[0] is field 3 of proc(5) (state), so field N is fields[N - 3].
+    ppid = int(fields[4 - 3])
+    ticks = sum(int(fields[n - 3]) for n in (14, 15, 16, 17))
+    return ppid, ticks
+
+
+def tree_ticks(root):
+    procs = {}
+    kids = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        try:
+            ppid, ticks = stat_fields(pid)
+        except (OSError, ValueError, IndexError):
+            continue  # gone while we looked
+        procs[pid] = ticks
+        kids.setdefault(ppid, []).append(pid)
+    total = 0
+    count = -1  # the root itself is not a descendant
+    stack, seen = [root], set()
+    while stack:
+        pid = stack.pop()
+        if pid in seen or pid not in procs:
+            continue
+        seen.add(pid)
+        total += procs[pid]
+        count += 1
+        stack.extend(kids.get(pid, ()))
+    return total, max(count, 0)
+
+
+def machine_ticks():
+    with open("/proc/stat") as f:
+        cols = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is already
+    # counted in user)
+    cols = cols[:8]
+    idle = cols[3] + cols[4]
+    return sum(cols) - idle, sum(cols)
+
+
+def cmd_ticks(pid):
+    tree, n = tree_ticks(int(pid))
+    busy, total = machine_ticks()
+    print(tree, busy, total, n)
+
+
+def cmd_fio(path):
+    with open(path) as f:
+        text = f.read()
+    # fio can print warnings ahead of the JSON document.
+    doc = json.loads(text[text.index("{"):])
+    job = doc["jobs"][0]
+    iops = mib = lat = p99 = 0.0
+    for side in ("read", "write"):
+        s = job.get(side, {})
+        if not s.get("total_ios"):
+            continue
+        iops += s["iops"]
+        mib += s["bw_bytes"] / 1048576.0
+        lat = s["lat_ns"]["mean"] / 1000.0
+        p99 = s.get("clat_ns", {}).get("percentile", {}).get("99.000000", 0) / 1000.0
+    cpu = job.get("usr_cpu", 0.0) + job.get("sys_cpu", 0.0)
+    print(f"{iops:.1f} {mib:.2f} {lat:.1f} {p99:.1f} {cpu:.1f} {job.get('error', 0)}")
+
+
+def fmt_iops(v):
+    if v >= 100000:
+        return f"{v / 1000:.0f}k"
+    if v >= 10000:
+        return f"{v / 1000:.1f}k"
+    return f"{v:.0f}"
+
+
+def median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def cmd_report(path):
+    with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if r["error"] == "0"]
+    servers, workloads = [], []
+    data = {}  # (server, workload) -> list of rows
+    for r in rows:
+        if r["server"] not in servers:
+            servers.append(r["server"])
+        if r["workload"] not in workloads:
+            workloads.append(r["workload"])
+        data.setdefault((r["server"], r["workload"]), []).append(r)
+    # Keep the subject first and the reference second, others in run order.
+    servers.sort(key=lambda s: (s != SUBJECT, s != REFERENCE))
+    workloads.sort(key=lambda w: list(LABELS).index(w) if w in LABELS else len(LABELS))
+    have_pair = SUBJECT in servers and REFERENCE in servers
+
+    def med(server, wl, field):
+        return median([float(r[field]) for r in data.get((server, wl), [])])
+
+    def paired_ratio(wl, field, invert=False):
+        """Median over rounds of subject/reference, each pair from one round."""
+        a = {r["round"]: float(r[field]) for r in data.get((SUBJECT, wl), [])}
+        b = {r["round"]: float(r[field]) for r in data.get((REFERENCE, wl), [])}
+        ratios = []
+        for rnd in a.keys() & b.keys():
+            num, den = (b[rnd], a[rnd]) if invert else (a[rnd], b[rnd])
+            if den > 0:
+                ratios.append(num / den)
+        return median(ratios)
+
+    def spread(wl):
+        """Largest (max - min) / median of IOPS among the servers, in %."""
+        worst = 0.0
+        for s in servers:
+            xs = [float(r["iops"]) for r in data.get((s, wl), [])]
+            if len(xs) > 1 and statistics.median(xs) > 0:
+                worst = max(worst, (max(xs) - min(xs)) / statistics.median(xs) * 100)
+        return worst
+
+    label = lambda wl: LABELS.get(wl, wl)
+    nrounds = max((len(v) for v in data.values()), default=0)
+
+    print(f"### Throughput (median of {nrounds} rounds)")
+    print()
+    head = ["workload"] + servers
+    if have_pair:
+        head.append(f"{SUBJECT} / {REFERENCE}")
+    head.append("spread")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for wl in workloads:
+        cells = [label(wl)]
+        for s in servers:
+            iops = med(s, wl, "iops")
+            if iops is None:
+                cells.append("-")
+            elif wl.startswith(("sr1m", "sw1m")) or "_1m_" in wl:
+                cells.append(f"{med(s, wl, 'mibps'):.0f} MiB/s")
+            else:
+                cells.append(f"{fmt_iops(iops)} IOPS")
+        if have_pair:
+            r = paired_ratio(wl, "iops")
+            cells.append("-" if r is None else f"**{r:.2f}**")
+        cells.append(f"{spread(wl):.0f}%")
+        print("| " + " | ".join(cells) + " |")
+    print()
+    print("IOPS and MiB/s are fio's figures for the measured period (ramp excluded). "
+          f"`{SUBJECT} / {REFERENCE}` is the median of the per-round ratios (above 1: "
+          f"{SUBJECT} is faster). `spread` is the largest (max-min)/median of one "
+          "server's rounds for that workload: the run-to-run noise.")
+    print()
+    print("### Server CPU (median; % of one core, and CPU time per operation)")
+    print()
+    head = ["workload"] + servers
+    if have_pair:
+        head.append(f"µs/op {SUBJECT} / {REFERENCE}")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for wl in workloads:
+        cells = [label(wl)]
+        for s in servers:
+            pct = med(s, wl, "srv_cpu_pct")
+            per = med(s, wl, "srv_us_per_op")
+            cells.append("-" if pct is None else f"{pct:.0f}% · {per:.1f} µs")
+        if have_pair:
+            r = paired_ratio(wl, "srv_us_per_op")
+            cells.append("-" if r is None else f"**{r:.2f}**")
+        print("| " + " | ".join(cells) + " |")
+    print()
+    print("CPU is utime+stime of the server's process tree (all threads, and reaped "
+          "children) over the whole fio run; µs/op = CPU seconds per second / IOPS. "
+          f"For the µs/op ratio, below 1 means {SUBJECT} spends less CPU per request.")
+    print()
+    print("### Client CPU and disturbance (median)")
+    print()
+    head = ["workload"] + [f"{s}: fio · others" for s in servers]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for wl in workloads:
+        cells = [label(wl)]
+        for s in servers:
+            fc = med(s, wl, "fio_cpu_pct")
+            other = med(s, wl, "other_pct")
+            cells.append("-" if fc is None else f"{fc:.0f}% · {other:.0f}%")
+        print("| " + " | ".join(cells) + " |")
+    print()
+    print(f"`fio` is the client's own CPU; `others` is what the rest of the machine "
+          f"used during the run (all {os.cpu_count()} cores busy = "
+          f"{100 * os.cpu_count()}%, minus server and fio). Much CPU to others "
+          "means the run competed with unrelated work.")
+
+
+def main():
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    cmd, arg = sys.argv[1], sys.argv[2]
+    if cmd == "ticks":
+        cmd_ticks(arg)
+    elif cmd == "fio":
+        cmd_fio(arg)
+    elif cmd == "report":
+        cmd_report(arg)
+    else:
+        sys.exit(f"unknown subcommand {cmd!r}\n{__doc__}")
+
+
+if __name__ == "__main__":
+    main()
