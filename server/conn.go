@@ -23,9 +23,11 @@ import (
 // without waiting (a read found in the page cache, a plain write, nothing
 // earlier in its way) runs right there on the reader, and its reply is held
 // back until the reader has no more buffered requests: a burst of requests
-// costs one read and one writev. Anything that may wait runs on a goroutine
-// of its own, up to MaxInFlight at once, so a slow request never holds up
-// the others, and backpressure reaches the client through TCP.
+// costs one read and one writev. A write that turns out slow hands the
+// reading role to a new goroutine (promote). Anything that may wait runs on
+// a goroutine of its own, up to MaxInFlight at once, so a slow request
+// never holds up the others, and backpressure reaches the client through
+// TCP.
 type conn struct {
 	// immutable after newConn
 	srv    *Server
@@ -33,6 +35,7 @@ type conn struct {
 	remote netip.Addr
 	log    zerolog.Logger
 	budget *budget
+	sock   *sockIO       // nil when nc has no file descriptor
 	closed chan struct{} // closed when the connection is gone
 
 	// immutable after the handshake
@@ -47,6 +50,12 @@ type conn struct {
 
 	out replyWriter
 
+	// inlineSince is when the reader started running a write itself (by
+	// Server.clock), 0 when it is not; the server's monitor promotes.
+	inlineSince atomic.Int64
+	promoteMu   sync.Mutex
+	inlineReq   *request // guarded by promoteMu: the write the reader runs
+
 	// requests being executed, for the kill switch; guarded by activeMu
 	activeMu sync.Mutex
 	active   map[*request]time.Time
@@ -59,6 +68,7 @@ func newConn(s *Server, nc net.Conn, remote netip.Addr) *conn {
 		remote: remote,
 		log:    s.log.With().Str("peer", nc.RemoteAddr().String()).Logger(),
 		budget: newBudget(s.cfg.MaxBufferBytes),
+		sock:   newSockIO(nc),
 		slots:  make(chan struct{}, s.cfg.MaxInFlight),
 		closed: make(chan struct{}),
 	}
@@ -100,7 +110,8 @@ func (c *conn) serve() {
 		defer close(stop)
 		go c.watchdog(stop)
 	}
-	c.endReading(c.readLoop())
+	c.wg.Add(1)
+	c.readLoop()
 	c.wg.Wait()
 	c.log.Info().Msg("client disconnected")
 }
@@ -154,21 +165,32 @@ func (s *Server) exportInfo() nbd.ExportInfo {
 	}
 }
 
-// readLoop reads requests until the client leaves, breaks the protocol or
-// the connection drains, and starts each one.
-func (c *conn) readLoop() error {
-	defer c.out.flush()
+// readLoop reads requests and starts each one, until the client leaves,
+// breaks the protocol or the connection drains, or until another goroutine
+// took over reading because this one was held up running a write.
+func (c *conn) readLoop() {
+	defer c.wg.Done()
 	for {
 		r, err := c.readRequest()
 		if err != nil {
-			return err
+			c.out.flush()
+			c.endReading(err)
+			return
 		}
 		if r == nil { // answered while reading
 			continue
 		}
-		if r.quick() && (r.span == nil || r.span.ready()) && c.execute(r, true) {
-			c.out.hold(r)
-			continue
+		if r.quick() && (r.span == nil || r.span.ready()) {
+			if r.Type == nbd.CmdWrite {
+				if !c.writeInline(r) {
+					return
+				}
+				continue
+			}
+			if c.execute(r, true) {
+				c.out.hold(r)
+				continue
+			}
 		}
 		c.needFlush(0)
 		c.slots <- struct{}{}
@@ -180,6 +202,64 @@ func (c *conn) readLoop() error {
 			<-c.slots
 		}()
 	}
+}
+
+// promoteAfter is how long the reader may spend running a write itself
+// before another goroutine takes over reading: a write that blocks (a
+// throttled or failing disk) must not hold up the requests behind it for
+// long. The server's monitor checks twice per period (Server.monitor). The
+// period trades reaction time against wake-ups: a timer armed per write
+// cost a wake-up of the runtime's poller each, and a 2.5 ms tick cost a
+// quarter of 1 MiB write throughput on two cores; at 25 ms the cost is
+// within noise (docs/DESIGN.md).
+const promoteAfter = 50 * time.Millisecond
+
+// writeInline runs a write on the reader. It reports false when the write
+// took so long that another goroutine took over reading meanwhile; this
+// one has then sent the reply and must stop reading.
+func (c *conn) writeInline(r *request) bool {
+	c.promoteMu.Lock()
+	c.inlineReq = r
+	c.promoteMu.Unlock()
+	c.inlineSince.Store(c.srv.clock())
+	c.execute(r, false)
+	c.inlineSince.Store(0)
+	c.promoteMu.Lock()
+	demoted := r.demoted
+	r.demoted = false
+	if c.inlineReq == r {
+		c.inlineReq = nil
+	}
+	c.promoteMu.Unlock()
+	if demoted {
+		c.out.send(r)
+		<-c.slots // taken for this write by promote
+		return false
+	}
+	c.out.hold(r)
+	return true
+}
+
+// promote hands reading to a new goroutine while the reader is stuck in a
+// write; the write then counts as one of the requests in flight. With every
+// slot taken it does nothing, and the client waits as it would for any
+// request beyond MaxInFlight.
+func (c *conn) promote() {
+	c.promoteMu.Lock()
+	defer c.promoteMu.Unlock()
+	r := c.inlineReq
+	if r == nil {
+		return
+	}
+	select {
+	case c.slots <- struct{}{}:
+	default:
+		return
+	}
+	r.demoted = true
+	c.inlineReq = nil
+	c.wg.Add(1)
+	go c.readLoop()
 }
 
 // needFlush sends held replies unless n more bytes are already buffered:
@@ -258,7 +338,7 @@ func (c *conn) readRequest() (*request, error) {
 		r.span = c.srv.gate.register(req.Offset, end, true)
 		r.buf = getBuf(int(req.Length))
 		c.needFlush(len(r.buf))
-		if _, err := io.ReadFull(c.br, r.buf); err != nil {
+		if err := c.readPayload(r.buf); err != nil {
 			c.srv.gate.release(r.span)
 			r.span = nil
 			r.free()
@@ -278,6 +358,18 @@ func (c *conn) readRequest() (*request, error) {
 		c.activeMu.Unlock()
 	}
 	return r, nil
+}
+
+// readPayload fills p with the next bytes of the request stream: first
+// what the buffered reader holds, then straight from the socket into p, so
+// a large payload is not copied twice.
+func (c *conn) readPayload(p []byte) error {
+	if c.sock == nil || len(p) <= c.br.Buffered() {
+		_, err := io.ReadFull(c.br, p)
+		return err
+	}
+	n, _ := c.br.Read(p[:c.br.Buffered()])
+	return c.sock.readFull(p[n:])
 }
 
 // refuse answers a request that will not be executed.
@@ -357,7 +449,7 @@ func (c *conn) streamWrite(req nbd.Request) error {
 	var werr, rerr error
 	for off := req.Offset; off < end; {
 		n := min(uint64(piece), end-off)
-		if _, rerr = io.ReadFull(c.br, r.buf[:n]); rerr != nil {
+		if rerr = c.readPayload(r.buf[:n]); rerr != nil {
 			break
 		}
 		if werr == nil {

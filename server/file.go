@@ -98,23 +98,30 @@ func (f *File) MayHaveHoles() bool { return f.holes.Load() }
 // allocating anything. nowait uses RWF_NOWAIT, which fails instead of
 // starting disk I/O.
 func (f *File) ReadAt(p []byte, off uint64, nowait bool) error {
-	flags := 0
+	// Whatever the page cache holds is copied without a blocking call.
+	for len(p) > 0 {
+		n, err := preadNoWait(f.fd, p, int64(off))
+		if err != nil || n == 0 {
+			break
+		}
+		p = p[n:]
+		off += uint64(n)
+	}
+	if len(p) == 0 {
+		return nil
+	}
 	if nowait {
-		flags = unix.RWF_NOWAIT
+		return ErrWouldBlock
 	}
 	iov := [][]byte{nil}
 	for len(p) > 0 {
 		iov[0] = p
-		n, err := unix.Preadv2(f.fd, iov, int64(off), flags)
+		n, err := unix.Preadv2(f.fd, iov, int64(off), 0)
 		switch {
 		case errors.Is(err, unix.EINTR):
 			continue
-		case nowait && (errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EOPNOTSUPP)):
-			return ErrWouldBlock
 		case err != nil:
 			return err
-		case n == 0 && nowait:
-			return ErrWouldBlock
 		case n == 0:
 			// The file shrank under us: it is no longer the export we
 			// announced, and zeroes would be a lie.

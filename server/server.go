@@ -69,6 +69,9 @@ type Server struct {
 
 	stats Stats
 	start time.Time
+	// monitorWake starts the monitor when the first client arrives.
+	monitorWake chan struct{}
+	monitorOnce sync.Once
 }
 
 // Stats are counters over the server's lifetime; read them with Stats().
@@ -111,6 +114,7 @@ func New(cfg Config) *Server {
 		start:     time.Now(),
 	}
 	s.connsDone = sync.NewCond(&s.mu)
+	s.monitorWake = make(chan struct{}, 1)
 	s.acl.Store(cfg.ACL)
 	if cfg.OnWrite != nil {
 		s.writeHook.Store(&cfg.OnWrite)
@@ -247,7 +251,46 @@ func (s *Server) accept(nc net.Conn) {
 	}
 	s.conns[c] = struct{}{}
 	s.mu.Unlock()
+	s.monitorOnce.Do(func() { go s.monitor() })
+	select {
+	case s.monitorWake <- struct{}{}:
+	default:
+	}
 	go c.serve()
+}
+
+// clock is a monotonic time in nanoseconds, never 0.
+func (s *Server) clock() int64 { return int64(time.Since(s.start)) + 1 }
+
+// monitor promotes readers stuck in a write (see conn.writeInline). It
+// ticks only while there are clients, and ends with the server.
+func (s *Server) monitor() {
+	tick := time.NewTicker(promoteAfter / 2)
+	defer tick.Stop()
+	var conns []*conn
+	for {
+		s.mu.Lock()
+		closing := s.closing
+		conns = conns[:0]
+		for c := range s.conns {
+			conns = append(conns, c)
+		}
+		s.mu.Unlock()
+		if closing && len(conns) == 0 {
+			return
+		}
+		if len(conns) == 0 {
+			<-s.monitorWake // also sent by beginClose
+			continue
+		}
+		now := s.clock()
+		for _, c := range conns {
+			if since := c.inlineSince.Load(); since != 0 && now-since > int64(promoteAfter) {
+				c.promote()
+			}
+		}
+		<-tick.C
+	}
 }
 
 func (s *Server) forget(c *conn) {
@@ -270,6 +313,10 @@ func (s *Server) beginClose() []*conn {
 	s.closing = true
 	for l := range s.listeners {
 		l.Close()
+	}
+	select {
+	case s.monitorWake <- struct{}{}:
+	default:
 	}
 	conns := make([]*conn, 0, len(s.conns))
 	for c := range s.conns {
