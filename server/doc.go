@@ -32,12 +32,17 @@
 // # Concurrency
 //
 // A request that is cheap and cannot wait runs on the reader itself: a
-// READ or WRITE of at most 128 KiB, without FUA, whose range nothing
-// earlier holds. Reads there use RWF_NOWAIT, so data missing from the page
-// cache fails fast with ErrWouldBlock instead of stalling the reader. Their
-// replies are held back while more requests are already buffered, so a
-// burst of small requests costs one read and one write system call.
-// Everything else (cache misses, large requests, FUA, FLUSH, TRIM,
+// READ of at most 128 KiB or a WRITE of any size, without FUA, whose range
+// nothing earlier holds. Reads there use RWF_NOWAIT, so data missing from
+// the page cache fails fast with ErrWouldBlock instead of stalling the
+// reader. A write has no such test, so the server's monitor watches it: a
+// write still running after 50 ms hands the reading role to a new
+// goroutine and finishes on its own. Replies of requests run on the reader
+// are held back while more requests are already buffered, so a burst of
+// small requests costs one read and one write system call. Copies that
+// cannot block (cached reads, socket I/O) use raw system calls, which keep
+// the runtime from handing the processor to another thread mid-copy.
+// Everything else (cache misses, large reads, FUA, FLUSH, TRIM,
 // WRITE_ZEROES, requests that must wait in the gate) runs on a goroutine of
 // its own, at most MaxInFlight per connection, so one slow request does not
 // hold up the ones behind it; past that limit the reader stops reading and
@@ -76,9 +81,10 @@
 // handler is an EIO reply. Only a broken byte stream (a bad request magic,
 // a failed read or write on the socket) ends the connection.
 //
-// BUG(server): A small plain WRITE runs on the reader, and Backend has no
+// BUG(server): A plain WRITE runs on the reader, and Backend has no
 // non-blocking write: when the page cache throttles writers or the device
-// stalls, every later request on that connection waits for it.
+// stalls, later requests on that connection wait up to about 75 ms (until
+// the monitor moves reading on) before they are even read.
 //
 // BUG(server): The kill switch closes the connection of a hung request but
 // cannot cancel the backend call. Until it returns, its goroutine, its
