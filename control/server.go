@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+
+	"github.com/flexnbd/flexnbd/internal/accept"
 )
 
 // ErrServerClosed is returned by Serve after Shutdown or Close.
@@ -96,39 +98,28 @@ func (s *Server) Serve(l net.Listener) error {
 		s.mu.Unlock()
 	}()
 
-	var backoff time.Duration
-	for {
-		nc, err := l.Accept()
-		if err != nil {
-			if s.isClosing() {
-				return ErrServerClosed
-			}
-			var te interface{ Temporary() bool }
-			if errors.As(err, &te) && te.Temporary() {
-				// EMFILE and friends: wait for descriptors to free up.
-				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-				s.Logger.Warn().Err(err).Dur("retry_in", backoff).Msg("control accept failed")
-				time.Sleep(backoff)
-				continue
-			}
-			return err
-		}
-		backoff = 0
-		s.mu.Lock()
-		if s.closing {
-			s.mu.Unlock()
-			nc.Close()
-			return ErrServerClosed
-		}
-		busy := len(s.conns) >= s.maxConns()
-		s.conns[nc] = struct{}{}
-		s.mu.Unlock()
-		if busy {
-			go s.refuse(nc)
-			continue
-		}
-		go s.serveConn(nc)
+	if err := accept.Loop(l, s.isClosing, s.Logger, s.admit); err != nil {
+		return err
 	}
+	return ErrServerClosed
+}
+
+// admit starts a conversation, or refuses it when too many are running.
+func (s *Server) admit(nc net.Conn) {
+	s.mu.Lock()
+	if s.closing {
+		s.mu.Unlock()
+		nc.Close()
+		return
+	}
+	busy := len(s.conns) >= s.maxConns()
+	s.conns[nc] = struct{}{}
+	s.mu.Unlock()
+	if busy {
+		go s.refuse(nc)
+		return
+	}
+	go s.serveConn(nc)
 }
 
 func (s *Server) isClosing() bool {

@@ -12,6 +12,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/flexnbd/flexnbd/acl"
+	"github.com/flexnbd/flexnbd/internal/accept"
 	"github.com/flexnbd/flexnbd/nbd"
 )
 
@@ -204,25 +205,10 @@ func (s *Server) Serve(l net.Listener) error {
 		s.mu.Unlock()
 	}()
 
-	var backoff time.Duration
-	for {
-		nc, err := l.Accept()
-		if err != nil {
-			if s.isClosing() {
-				return ErrServerClosed
-			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() || isTemporaryAccept(err) {
-				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-				s.log.Warn().Err(err).Dur("retry_in", backoff).Msg("accept failed")
-				time.Sleep(backoff)
-				continue
-			}
-			return err
-		}
-		backoff = 0
-		s.accept(nc)
+	if err := accept.Loop(l, s.isClosing, s.log, s.accept); err != nil {
+		return err
 	}
+	return ErrServerClosed
 }
 
 // accept applies the access list before anything is sent, then starts the
@@ -407,12 +393,6 @@ func peerAddr(a net.Addr) netip.Addr {
 		}
 	}
 	return netip.Addr{}
-}
-
-func isTemporaryAccept(err error) bool {
-	// EMFILE, ENFILE, ECONNABORTED and friends: the listener is fine.
-	var se interface{ Temporary() bool }
-	return errors.As(err, &se) && se.Temporary()
 }
 
 // errShutdown is the reply to requests that arrive while draining.
