@@ -22,6 +22,7 @@ $(BIN): $(GOFILES) go.mod go.sum
 # client included. .ci/run installs what it needs.
 test: fmt-check vet build
 	$(GO) test -race -count=1 -timeout 12m ./...
+	$(GO) test -count=1 -run 'AllocatesNothing' ./server/
 
 vet:
 	$(GO) vet ./...

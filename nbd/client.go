@@ -49,7 +49,8 @@ type Client struct {
 	wmu sync.Mutex
 
 	// owned by the reader goroutine
-	br *bufio.Reader
+	br           *bufio.Reader
+	chunkScratch [12]byte
 
 	mu         sync.Mutex // guards the fields below
 	pending    map[uint64]*call
@@ -66,6 +67,11 @@ type call struct {
 	extents []Extent
 	covered uint64 // bytes of a structured READ described so far
 	done    chan struct{}
+
+	// request encoding, owned by Do
+	hdr   [RequestHeaderSize]byte
+	bufs  net.Buffers
+	wbufs net.Buffers
 }
 
 // Dial connects to an NBD server at address ("host:port" for tcp, a path
@@ -208,7 +214,9 @@ func (c *Client) Do(ctx context.Context, req Request, payload, readBuf []byte) (
 	}
 	defer func() { <-c.sem }()
 
-	cl := &call{req: req, buf: readBuf, done: make(chan struct{})}
+	cl := getCall()
+	cl.req, cl.buf = req, readBuf
+	defer putCall(cl)
 	c.mu.Lock()
 	if c.err != nil {
 		err := c.err
@@ -220,13 +228,13 @@ func (c *Client) Do(ctx context.Context, req Request, payload, readBuf []byte) (
 	c.pending[cl.req.Cookie] = cl
 	c.mu.Unlock()
 
-	var hdr [RequestHeaderSize]byte
-	bufs := net.Buffers{AppendRequest(hdr[:0], cl.req)}
+	cl.bufs = append(cl.bufs[:0], AppendRequest(cl.hdr[:0], cl.req))
 	if req.Type == CmdWrite && len(payload) > 0 {
-		bufs = append(bufs, payload)
+		cl.bufs = append(cl.bufs, payload)
 	}
+	cl.wbufs = cl.bufs // WriteTo consumes what it is given
 	c.wmu.Lock()
-	_, err := bufs.WriteTo(c.conn)
+	_, err := cl.wbufs.WriteTo(c.conn)
 	c.wmu.Unlock()
 	if err != nil {
 		c.fail(fmt.Errorf("nbd: send request: %w", err))
@@ -247,6 +255,21 @@ func (c *Client) Do(ctx context.Context, req Request, payload, readBuf []byte) (
 		return nil, cl.errno
 	}
 	return cl.extents, nil
+}
+
+// Calls are recycled: a steady stream of requests allocates nothing. done
+// is buffered and signalled by a send, so the channel is reused too.
+var callPool = sync.Pool{New: func() any { return &call{done: make(chan struct{}, 1)} }}
+
+func getCall() *call { return callPool.Get().(*call) }
+
+// putCall recycles cl once its Do returned; the reader no longer knows it.
+func putCall(cl *call) {
+	done := cl.done
+	bufs := cl.bufs
+	clear(bufs[:cap(bufs)])
+	*cl = call{done: done, bufs: bufs[:0]}
+	callPool.Put(cl)
 }
 
 // ServerError is an error reply that came with a message from the server.
@@ -322,7 +345,7 @@ func (c *Client) readLoop() {
 	_ = c.conn.Close()
 	for _, cl := range pending {
 		cl.errno = errConnLost
-		close(cl.done)
+		cl.done <- struct{}{}
 	}
 	close(c.readerDone)
 }
@@ -367,7 +390,7 @@ func (c *Client) readReplies() error {
 			c.mu.Lock()
 			delete(c.pending, h.Cookie)
 			c.mu.Unlock()
-			close(cl.done)
+			cl.done <- struct{}{}
 		}
 	}
 }
@@ -444,7 +467,7 @@ func (c *Client) readContent(h *ReplyHeader, cl *call) error {
 	if cl.req.Type != CmdRead {
 		return protocolErrorf("content chunk for a non-read request")
 	}
-	var b [12]byte
+	b := &c.chunkScratch
 	want := 8
 	if h.Type == ReplyTypeOffsetHole {
 		want = 12

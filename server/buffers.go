@@ -21,23 +21,21 @@ func bufClass(n int) int {
 	return bits.Len(uint(n-1)) - minBufShift
 }
 
-// getBuf returns a buffer of length n (at most 1<<maxBufShift).
-func getBuf(n int) []byte {
+// getBuf returns a pooled buffer of at least n bytes (n at most
+// 1<<maxBufShift). The pool holds the *[]byte itself, so that giving it
+// back allocates nothing.
+func getBuf(n int) *[]byte {
 	c := bufClass(n)
 	if p, ok := bufPools[c].Get().(*[]byte); ok {
-		return (*p)[:n]
+		return p
 	}
-	return make([]byte, n, 1<<(c+minBufShift))
+	b := make([]byte, 1<<(c+minBufShift))
+	return &b
 }
 
 // putBuf recycles a buffer obtained from getBuf.
-func putBuf(b []byte) {
-	c := bufClass(cap(b))
-	if cap(b) != 1<<(c+minBufShift) {
-		return // not one of ours
-	}
-	b = b[:cap(b)]
-	bufPools[c].Put(&b)
+func putBuf(p *[]byte) {
+	bufPools[bufClass(cap(*p))].Put(p)
 }
 
 // budget bounds the bytes of data buffers one connection holds, so that

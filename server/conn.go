@@ -41,6 +41,7 @@ type conn struct {
 	// immutable after the handshake
 	sess       *nbd.Session
 	br         *bufio.Reader
+	hdrBuf     [nbd.RequestHeaderSize]byte // owned by the reader
 	size       uint64
 	maxPayload uint32
 
@@ -297,12 +298,12 @@ func isClosedConn(err error) bool {
 // Registration with the ordering gate happens here, so arrival order is
 // registration order.
 func (c *conn) readRequest() (*request, error) {
-	var hdr [nbd.RequestHeaderSize]byte
+	hdr := &c.hdrBuf
 	c.needFlush(len(hdr))
 	if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
 		return nil, err
 	}
-	req, err := nbd.DecodeRequest(&hdr)
+	req, err := nbd.DecodeRequest(hdr)
 	if err != nil {
 		return nil, err
 	}
@@ -336,7 +337,7 @@ func (c *conn) readRequest() (*request, error) {
 	case nbd.CmdWrite:
 		r.reserve(int(req.Length))
 		r.span = c.srv.gate.register(req.Offset, end, true)
-		r.buf = getBuf(int(req.Length))
+		r.allocBuf(int(req.Length))
 		c.needFlush(len(r.buf))
 		if err := c.readPayload(r.buf); err != nil {
 			c.srv.gate.release(r.span)
@@ -443,7 +444,7 @@ func (c *conn) streamWrite(req nbd.Request) error {
 	r := newRequest(c, req)
 	end := req.Offset + uint64(req.Length)
 	r.reserve(piece)
-	r.buf = getBuf(piece)
+	r.allocBuf(piece)
 	sp := c.srv.gate.register(req.Offset, end, true)
 	sp.wait()
 	var werr, rerr error

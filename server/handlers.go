@@ -63,7 +63,7 @@ func (c *conn) handleRead(r *request, nowait bool) error {
 	n := int(r.Length)
 	if !c.sess.Structured {
 		if r.buf == nil { // a retry after ErrWouldBlock keeps its buffer
-			r.buf = getBuf(n)
+			r.allocBuf(n)
 		}
 		if err := be.ReadAt(r.buf, r.Offset, nowait); err != nil {
 			return err
@@ -82,25 +82,16 @@ func (c *conn) handleRead(r *request, nowait bool) error {
 
 	// Find the holes first, so that a read of nothing but hole needs no
 	// buffer at all. DF asks for one chunk, which must then carry zeroes.
-	end := r.Offset + uint64(n)
-	runs := r.runs[:0]
+	r.runs = r.runs[:0]
 	if r.Flags&nbd.CmdFlagDF == 0 && be.MayHaveHoles() {
-		err := be.Extents(r.Offset, uint64(n), func(off, length uint64, hole bool) bool {
-			if len(runs) == maxReadRuns-1 {
-				runs = append(runs, run{off, end - off, false})
-				return false
-			}
-			runs = append(runs, run{off, length, hole})
-			return true
-		})
-		if err != nil {
+		if err := be.Extents(r.Offset, uint64(n), r.addRunFn); err != nil {
 			return err
 		}
 	}
-	if len(runs) == 0 {
-		runs = append(runs, run{r.Offset, uint64(n), false})
+	if len(r.runs) == 0 {
+		r.runs = append(r.runs, run{r.Offset, uint64(n), false})
 	}
-	r.runs = runs
+	runs := r.runs
 
 	r.hdr = r.hdr[:0]
 	lastFlags := -1 // index in hdr of the final chunk's flags
@@ -113,7 +104,7 @@ func (c *conn) handleRead(r *request, nowait bool) error {
 			continue
 		}
 		if r.buf == nil {
-			r.buf = getBuf(n)
+			r.allocBuf(n)
 		}
 		lo := int(ru.off - r.Offset)
 		hi := lo + int(ru.len)
@@ -196,29 +187,44 @@ func (c *conn) handleBlockStatus(r *request) error {
 	if r.Flags&nbd.CmdFlagReqOne != 0 {
 		limit = 1
 	}
-	exts := r.exts[:0]
-	err := c.srv.cfg.Backend.Extents(r.Offset, uint64(r.Length), func(_, length uint64, hole bool) bool {
-		var flags uint32
-		if hole {
-			flags = nbd.StateHole | nbd.StateZero
-		}
-		if k := len(exts); k > 0 && exts[k-1].Flags == flags {
-			exts[k-1].Length += uint32(length) // runs never exceed the request
-			return true
-		}
-		if len(exts) == limit {
-			return false
-		}
-		exts = append(exts, nbd.Extent{Length: uint32(length), Flags: flags})
-		return true
-	})
-	r.exts = exts
-	if err != nil {
+	r.exts = r.exts[:0]
+	r.extLimit = limit
+	if err := c.srv.cfg.Backend.Extents(r.Offset, uint64(r.Length), r.addExtentFn); err != nil {
 		return err
 	}
+	exts := r.exts
 	r.hdr = nbd.AppendBlockStatus(r.hdr[:0], nbd.ReplyFlagDone, r.Cookie, c.sess.AllocationContext, exts)
 	r.addHdr(0)
 	return nil
+}
+
+// addRun collects a READ's data and hole runs; past maxReadRuns the rest
+// of the request is one data run, which is always correct.
+func (r *request) addRun(off, length uint64, hole bool) bool {
+	if len(r.runs) == maxReadRuns-1 {
+		r.runs = append(r.runs, run{off, r.Offset + uint64(r.Length) - off, false})
+		return false
+	}
+	r.runs = append(r.runs, run{off, length, hole})
+	return true
+}
+
+// addExtent collects BLOCK_STATUS descriptors, merging runs of equal
+// status, up to extLimit descriptors.
+func (r *request) addExtent(_, length uint64, hole bool) bool {
+	var flags uint32
+	if hole {
+		flags = nbd.StateHole | nbd.StateZero
+	}
+	if k := len(r.exts); k > 0 && r.exts[k-1].Flags == flags {
+		r.exts[k-1].Length += uint32(length) // runs never exceed the request
+		return true
+	}
+	if len(r.exts) == r.extLimit {
+		return false
+	}
+	r.exts = append(r.exts, nbd.Extent{Length: uint32(length), Flags: flags})
+	return true
 }
 
 func (s *Server) notifyWrite(off, length uint64) {

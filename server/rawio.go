@@ -30,10 +30,23 @@ func preadNoWait(fd int, p []byte, off int64) (int, error) {
 	return int(n), nil
 }
 
-// sockIO moves data on a TCP connection with raw system calls.
+// sockIO moves data on a TCP connection with raw system calls. The
+// callbacks handed to the runtime are bound once, and the system call's
+// operands and results live in the struct, so a call allocates nothing.
 type sockIO struct {
-	rc     syscall.RawConn
-	iovecs []unix.Iovec // scratch for writev, owned by the single writer
+	rc syscall.RawConn
+
+	// owned by the single writer
+	iovecs  []unix.Iovec
+	wn      uintptr
+	werrno  syscall.Errno
+	writeFn func(fd uintptr) bool
+
+	// owned by the single reader
+	rbuf   []byte
+	rn     uintptr
+	rerrno syscall.Errno
+	readFn func(fd uintptr) bool
 }
 
 // newSockIO returns nil for connections without a file descriptor (tests'
@@ -47,7 +60,20 @@ func newSockIO(nc net.Conn) *sockIO {
 	if err != nil {
 		return nil
 	}
-	return &sockIO{rc: rc}
+	s := &sockIO{rc: rc}
+	s.writeFn = s.writeOnce
+	s.readFn = s.readOnce
+	return s
+}
+
+func (s *sockIO) writeOnce(fd uintptr) bool {
+	s.wn, _, s.werrno = unix.RawSyscall(unix.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&s.iovecs[0])), uintptr(len(s.iovecs)))
+	return s.werrno != unix.EAGAIN
+}
+
+func (s *sockIO) readOnce(fd uintptr) bool {
+	s.rn, _, s.rerrno = unix.RawSyscall(unix.SYS_READ, fd, uintptr(unsafe.Pointer(&s.rbuf[0])), uintptr(len(s.rbuf)))
+	return s.rerrno != unix.EAGAIN
 }
 
 // maxIovecs is the kernel's limit on buffers per writev (IOV_MAX).
@@ -72,19 +98,16 @@ func (s *sockIO) writev(bufs [][]byte) error {
 		if len(iovs) == 0 {
 			return nil
 		}
-		var n uintptr
-		var errno syscall.Errno
-		err := s.rc.Write(func(fd uintptr) bool {
-			n, _, errno = unix.RawSyscall(unix.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&iovs[0])), uintptr(len(iovs)))
-			return errno != unix.EAGAIN
-		})
-		if err == nil && errno != 0 && errno != unix.EINTR {
-			err = errno
+		err := s.rc.Write(s.writeFn)
+		if err == nil && s.werrno != 0 && s.werrno != unix.EINTR {
+			err = s.werrno
 		}
 		if err != nil {
 			return err
 		}
-		bufs = consume(bufs, int(n))
+		if s.werrno == 0 {
+			bufs = consume(bufs, int(s.wn))
+		}
 	}
 	return nil
 }
@@ -103,24 +126,21 @@ func consume(bufs [][]byte, n int) [][]byte {
 
 // readFull fills p from the socket, honouring the connection's deadline.
 func (s *sockIO) readFull(p []byte) error {
+	defer func() { s.rbuf = nil }()
 	for len(p) > 0 {
-		var n uintptr
-		var errno syscall.Errno
-		err := s.rc.Read(func(fd uintptr) bool {
-			n, _, errno = unix.RawSyscall(unix.SYS_READ, fd, uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
-			return errno != unix.EAGAIN
-		})
+		s.rbuf = p
+		err := s.rc.Read(s.readFn)
 		switch {
 		case err != nil:
 			return err
-		case errno == unix.EINTR:
+		case s.rerrno == unix.EINTR:
 			continue
-		case errno != 0:
-			return errno
-		case n == 0:
+		case s.rerrno != 0:
+			return s.rerrno
+		case s.rn == 0:
 			return io.ErrUnexpectedEOF
 		}
-		p = p[n:]
+		p = p[s.rn:]
 	}
 	return nil
 }

@@ -13,7 +13,8 @@ type request struct {
 	nbd.Request
 	c        *conn
 	span     *span
-	buf      []byte // pooled data: a WRITE's payload or a READ's data
+	buf      []byte  // pooled data: a WRITE's payload or a READ's data
+	bufp     *[]byte // the pool's handle for buf
 	budgeted int
 	// demoted is set (under conn.promoteMu) when the reader running this
 	// write handed reading over to another goroutine.
@@ -24,9 +25,13 @@ type request struct {
 	hdr  []byte
 	segs []seg
 
-	// scratch for the handlers, kept across uses of the request
-	runs []run
-	exts []nbd.Extent
+	// scratch for the handlers, kept across uses of the request; the
+	// callbacks are bound once so that passing them allocates nothing
+	runs        []run
+	exts        []nbd.Extent
+	extLimit    int
+	addRunFn    func(off, length uint64, hole bool) bool
+	addExtentFn func(off, length uint64, hole bool) bool
 }
 
 // run is a stretch of the export that is all data or all hole.
@@ -40,7 +45,12 @@ type seg struct {
 	lo, hi int
 }
 
-var requestPool = sync.Pool{New: func() any { return &request{hdr: make([]byte, 0, 256)} }}
+var requestPool = sync.Pool{New: func() any {
+	r := &request{hdr: make([]byte, 0, 256)}
+	r.addRunFn = r.addRun
+	r.addExtentFn = r.addExtent
+	return r
+}}
 
 func newRequest(c *conn, req nbd.Request) *request {
 	r := requestPool.Get().(*request)
@@ -65,6 +75,12 @@ func (r *request) quick() bool {
 	return r.Type == nbd.CmdRead && r.Length <= maxQuickRead || r.Type == nbd.CmdWrite
 }
 
+// allocBuf gives the request a pooled data buffer of n bytes.
+func (r *request) allocBuf(n int) {
+	r.bufp = getBuf(n)
+	r.buf = (*r.bufp)[:n]
+}
+
 // reserve takes n bytes of the connection's buffer budget for this request.
 // Held replies own budget too, so they are sent before waiting for more.
 func (r *request) reserve(n int) {
@@ -77,9 +93,9 @@ func (r *request) reserve(n int) {
 
 // free returns everything the request holds; r must not be used after.
 func (r *request) free() {
-	if r.buf != nil {
-		putBuf(r.buf)
-		r.buf = nil
+	if r.bufp != nil {
+		putBuf(r.bufp)
+		r.bufp, r.buf = nil, nil
 	}
 	r.c.budget.release(r.budgeted)
 	r.budgeted = 0
@@ -204,17 +220,16 @@ func (w *replyWriter) write(batch []*request) {
 	if w.failed {
 		return
 	}
-	iov := w.iov[:0]
+	w.iov = w.iov[:0]
 	for _, r := range batch {
 		for _, s := range r.segs {
 			if s.data {
-				iov = append(iov, r.buf[s.lo:s.hi])
+				w.iov = append(w.iov, r.buf[s.lo:s.hi])
 			} else {
-				iov = append(iov, r.hdr[s.lo:s.hi])
+				w.iov = append(w.iov, r.hdr[s.lo:s.hi])
 			}
 		}
 	}
-	w.iov = iov
 	// Pushing the deadline forward costs a timer update, so do it only
 	// when half of it has passed.
 	now := time.Now()
@@ -225,9 +240,10 @@ func (w *replyWriter) write(batch []*request) {
 	}
 	var err error
 	if w.c.sock != nil {
-		err = w.c.sock.writev(iov)
+		err = w.c.sock.writev(w.iov)
 	} else {
-		_, err = iov.WriteTo(w.c.nc)
+		bufs := w.iov
+		_, err = bufs.WriteTo(w.c.nc)
 	}
 	if err != nil {
 		w.failed = true
