@@ -13,6 +13,7 @@ import (
 
 	"github.com/flexnbd/flexnbd/acl"
 	"github.com/flexnbd/flexnbd/internal/accept"
+	"github.com/flexnbd/flexnbd/internal/localtcp"
 	"github.com/flexnbd/flexnbd/nbd"
 )
 
@@ -227,6 +228,9 @@ func (s *Server) accept(nc net.Conn) {
 		_ = tc.SetKeepAliveConfig(net.KeepAliveConfig{
 			Enable: true, Idle: 30 * time.Second, Interval: 10 * time.Second, Count: 3,
 		})
+		if localtcp.IsLocal(tc) {
+			s.unpace(tc)
+		}
 	}
 	c := newConn(s, nc, remote)
 	s.mu.Lock()
@@ -397,3 +401,15 @@ func peerAddr(a net.Addr) netip.Addr {
 
 // errShutdown is the reply to requests that arrive while draining.
 var errShutdown = nbd.ESHUTDOWN
+
+// unpace turns off the congestion control's pacing for a client on this
+// host: it only delays replies there (see package localtcp).
+func (s *Server) unpace(tc *net.TCPConn) {
+	algorithm, changed, err := localtcp.AvoidPacing(tc)
+	switch {
+	case err != nil:
+		s.log.Debug().Err(err).Str("peer", tc.RemoteAddr().String()).Msg("cannot avoid pacing for a local client")
+	case changed:
+		s.log.Debug().Str("peer", tc.RemoteAddr().String()).Str("congestion", algorithm).Msg("local client: pacing off")
+	}
+}
