@@ -143,21 +143,65 @@ func (c *Client) Err() error {
 	return c.err
 }
 
-// Read fills p from offset off.
+// Read fills p from offset off. A p larger than the server's maximum block
+// size is read in pieces, several at a time.
 func (c *Client) Read(ctx context.Context, p []byte, off uint64, flags CmdFlags) error {
-	if uint64(len(p)) > 0xffffffff {
-		return EINVAL
-	}
-	_, err := c.Do(ctx, Request{Type: CmdRead, Flags: flags, Offset: off, Length: uint32(len(p))}, nil, p)
-	return err
+	return c.transfer(ctx, CmdRead, p, off, flags)
 }
 
-// Write writes p at offset off; with CmdFlagFUA it returns once durable.
+// Write writes p at offset off; with CmdFlagFUA it returns once durable. A
+// p larger than the server's maximum block size is written in pieces,
+// several at a time: the pieces are not written atomically, and with an
+// error some of them may have been written.
 func (c *Client) Write(ctx context.Context, p []byte, off uint64, flags CmdFlags) error {
-	if uint64(len(p)) > 0xffffffff {
+	return c.transfer(ctx, CmdWrite, p, off, flags)
+}
+
+// maxPiecesInFlight bounds the pieces of one split Read or Write sent at a
+// time, so one large transfer does not take every in-flight slot.
+const maxPiecesInFlight = 4
+
+func (c *Client) transfer(ctx context.Context, typ Cmd, p []byte, off uint64, flags CmdFlags) error {
+	if off+uint64(len(p)) < off {
 		return EINVAL
 	}
-	_, err := c.Do(ctx, Request{Type: CmdWrite, Flags: flags, Offset: off, Length: uint32(len(p))}, p, nil)
+	_, _, max := c.sess.Export.blockSizes()
+	if len(p) <= int(max) {
+		return c.transferOne(ctx, typ, p, off, flags)
+	}
+	pieces := (len(p) + int(max) - 1) / int(max)
+	errs := make([]error, pieces)
+	sem := make(chan struct{}, maxPiecesInFlight)
+	var wg sync.WaitGroup
+	for i := range pieces {
+		lo := i * int(max)
+		hi := min(lo+int(max), len(p))
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = c.transferOne(ctx, typ, p[lo:hi], off+uint64(lo), flags)
+			<-sem
+		}()
+	}
+	wg.Wait()
+	// The first piece that failed speaks for the transfer.
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (c *Client) transferOne(ctx context.Context, typ Cmd, p []byte, off uint64, flags CmdFlags) error {
+	req := Request{Type: typ, Flags: flags, Offset: off, Length: uint32(len(p))}
+	var err error
+	if typ == CmdWrite {
+		_, err = c.Do(ctx, req, p, nil)
+	} else {
+		_, err = c.Do(ctx, req, nil, p)
+	}
 	return err
 }
 

@@ -19,7 +19,8 @@ import (
 // it answers each request from its own goroutine, so replies overtake one
 // another the way they do with a real concurrent server. Structured reads
 // are split into two chunks, the second half first.
-func serveMemory(conn net.Conn, r *bufio.Reader, structured bool, disk []byte) error {
+// A request longer than maxLen (when not 0) is an error.
+func serveMemory(conn net.Conn, r *bufio.Reader, structured bool, disk []byte, maxLen uint32) error {
 	var (
 		wmu sync.Mutex // serialises replies on conn
 		dmu sync.Mutex // guards disk
@@ -45,6 +46,9 @@ func serveMemory(conn net.Conn, r *bufio.Reader, structured bool, disk []byte) e
 		end, ok := req.End()
 		if !ok || end > uint64(len(disk)) {
 			return fmt.Errorf("request [%d,+%d) outside the disk", req.Offset, req.Length)
+		}
+		if maxLen != 0 && req.Length > maxLen {
+			return fmt.Errorf("request of %d bytes is over the maximum block size %d", req.Length, maxLen)
 		}
 		switch req.Type {
 		case CmdDisc:
@@ -101,7 +105,7 @@ func TestClientConcurrentUse(t *testing.T) {
 			c, s := newClientPair(t, tt.opts)
 			served := make(chan error, 1)
 			go func() {
-				err := serveMemory(s.conn, s.r, s.sess.Structured, make([]byte, workers*region))
+				err := serveMemory(s.conn, s.r, s.sess.Structured, make([]byte, workers*region), 0)
 				// Hanging up also frees the workers if the server gave up early.
 				s.conn.Close()
 				served <- err
@@ -139,6 +143,58 @@ func TestClientConcurrentUse(t *testing.T) {
 				require.NoError(t, err, "the server must see a clean disconnect")
 			case <-time.After(testTimeout):
 				t.Fatal("the server did not see the disconnect")
+			}
+		})
+	}
+}
+
+// A Read or Write longer than the server's maximum block size goes out as
+// several requests none of which is too long, and the data arrives whole.
+func TestClientSplitsLargeTransfers(t *testing.T) {
+	const maxBlock = 64 << 10
+	for _, structured := range []bool{true, false} {
+		t.Run(fmt.Sprintf("structured=%v", structured), func(t *testing.T) {
+			disk := make([]byte, 4<<20)
+			cfg := &ServerConfig{Lookup: func(string) (ExportInfo, error) {
+				return ExportInfo{Size: uint64(len(disk)), Flags: FlagSendFUA, MaxBlock: maxBlock}, nil
+			}}
+			cc, sc := pipe(t)
+			br := bufio.NewReader(sc)
+			ch := make(chan handshakeResult, 1)
+			go func() {
+				sess, err := ServerHandshake(br, sc, cfg)
+				ch <- handshakeResult{sess, err}
+			}()
+			c, err := NewClient(cc, &ClientOptions{NoStructuredReplies: !structured})
+			require.NoError(t, err)
+			hs := waitServer(t, ch)
+			require.NoError(t, hs.err)
+			require.Equal(t, uint32(maxBlock), c.Session().Export.MaxBlock)
+			served := make(chan error, 1)
+			go func() {
+				err := serveMemory(sc, br, hs.sess.Structured, disk, maxBlock)
+				sc.Close()
+				served <- err
+			}()
+
+			ctx := context.Background()
+			// Not a multiple of the block size, and not aligned to it.
+			const off, n = 12345, 3*maxBlock + 777
+			want := pattern(off, n)
+			require.NoError(t, c.Write(ctx, want, off, CmdFlagFUA))
+			assert.Equal(t, want, disk[off:off+n], "the server's copy")
+			got := make([]byte, n)
+			require.NoError(t, c.Read(ctx, got, off, 0))
+			assert.Equal(t, want, got)
+
+			// A piece the server refuses fails the whole transfer.
+			err = c.Read(ctx, make([]byte, 2*maxBlock), uint64(len(disk))-maxBlock, 0)
+			assert.Error(t, err)
+			select {
+			case err := <-served:
+				assert.ErrorContains(t, err, "outside the disk")
+			case <-time.After(testTimeout):
+				t.Fatal("the server did not stop")
 			}
 		})
 	}

@@ -61,10 +61,6 @@ package nbd
 // server side of EXPORT_NAME can refuse an export only by closing the
 // connection, as the protocol leaves it no other way.
 //
-// BUG(nbd): The Client does not split a READ or WRITE larger than the
-// maximum block size the server announced; such a request goes out as it
-// is and servers (ours included) refuse it with EINVAL.
-//
 // BUG(nbd): The Client does not check that the chunks of a successful
 // structured READ cover the whole request without overlapping; bytes no
 // chunk described keep whatever the caller's buffer held.

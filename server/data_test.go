@@ -50,6 +50,35 @@ func TestUnalignedWriteReadRoundTrip(t *testing.T) {
 	}
 }
 
+// A transfer larger than the 32 MiB maximum block size goes through the
+// client in pieces, in every mode, and a piece past the end fails with the
+// errno that piece got while the connection stays usable.
+func TestTransfersOverTheMaximumBlockSize(t *testing.T) {
+	const size = 80 << 20
+	for _, m := range allModes {
+		t.Run(m.name, func(t *testing.T) {
+			inst := m.start(t, testserver.Options{Size: size})
+			c := m.dial(t, inst)
+			ctx := testCtx(t)
+			const off, n = 4097, 40<<20 + 123
+			want := pattern(7, n)
+			require.NoError(t, c.Write(ctx, want, off, nbd.CmdFlagFUA))
+			got := make([]byte, n)
+			require.NoError(t, c.Read(ctx, got, off, 0))
+			assert.True(t, bytes.Equal(want, got), "a split transfer read back different bytes")
+
+			past := make([]byte, 40<<20)
+			err := c.Read(ctx, past, size-(8<<20), 0)
+			wantErr := nbd.EINVAL
+			if m.oldstyle {
+				wantErr = nbd.ENOSPC
+			}
+			assert.ErrorIs(t, err, wantErr)
+			roundTrip(t, c, 0, 3)
+		})
+	}
+}
+
 // FUA makes the server ask the backend for durability before answering,
 // FLUSH syncs, and neither happens for plain requests.
 func TestDurabilityRequestsReachTheBackend(t *testing.T) {

@@ -226,7 +226,9 @@ func TestOldstyleAcceptsWritesOver32MiB(t *testing.T) {
 	ctx := testCtx(t)
 	const off, length = 513, nbd.DefaultMaxPayload + 5000
 	want := pattern(1, length)
-	require.NoError(t, c.Write(ctx, want, off, nbd.CmdFlagFUA))
+	// One request, as a C client sends it (Client.Write would split it).
+	_, err := c.Do(ctx, nbd.Request{Type: nbd.CmdWrite, Flags: nbd.CmdFlagFUA, Offset: off, Length: length}, want, nil)
+	require.NoError(t, err)
 	mu.Lock()
 	assert.Equal(t, [][2]uint64{{off, length}}, changed, "one write, reported whole")
 	mu.Unlock()
