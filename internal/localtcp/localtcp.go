@@ -1,6 +1,9 @@
 // Package localtcp tunes TCP connections whose two ends are on the same
 // host: a client on loopback, or one that dialled one of this host's own
-// addresses (the kernel carries both over the loopback device).
+// addresses from that same address (the kernel carries both over the
+// loopback device). A client on this host that binds a different address of
+// the host than the one it dials is not recognised and keeps the host's
+// congestion control.
 //
 // Such a connection crosses no network, yet it inherits the host's
 // congestion control. When that is BBR, every burst of data is paced by a
@@ -20,7 +23,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// IsLocal reports whether both ends of c are on this host.
+// IsLocal reports whether both ends of c are on this host: the peer is a
+// loopback address, or the same address as the local end.
 func IsLocal(c *net.TCPConn) bool {
 	return sameHost(addrOf(c.LocalAddr()), addrOf(c.RemoteAddr()))
 }
