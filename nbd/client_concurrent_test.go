@@ -158,22 +158,12 @@ func TestClientSplitsLargeTransfers(t *testing.T) {
 			cfg := &ServerConfig{Lookup: func(string) (ExportInfo, error) {
 				return ExportInfo{Size: uint64(len(disk)), Flags: FlagSendFUA, MaxBlock: maxBlock}, nil
 			}}
-			cc, sc := pipe(t)
-			br := bufio.NewReader(sc)
-			ch := make(chan handshakeResult, 1)
-			go func() {
-				sess, err := ServerHandshake(br, sc, cfg)
-				ch <- handshakeResult{sess, err}
-			}()
-			c, err := NewClient(cc, &ClientOptions{NoStructuredReplies: !structured})
-			require.NoError(t, err)
-			hs := waitServer(t, ch)
-			require.NoError(t, hs.err)
+			c, s := newClientPairFor(t, ClientOptions{NoStructuredReplies: !structured}, cfg)
 			require.Equal(t, uint32(maxBlock), c.Session().Export.MaxBlock)
 			served := make(chan error, 1)
 			go func() {
-				err := serveMemory(sc, br, hs.sess.Structured, disk, maxBlock)
-				sc.Close()
+				err := serveMemory(s.conn, s.r, s.sess.Structured, disk, maxBlock)
+				s.conn.Close()
 				served <- err
 			}()
 
@@ -188,7 +178,7 @@ func TestClientSplitsLargeTransfers(t *testing.T) {
 			assert.Equal(t, want, got)
 
 			// A piece the server refuses fails the whole transfer.
-			err = c.Read(ctx, make([]byte, 2*maxBlock), uint64(len(disk))-maxBlock, 0)
+			err := c.Read(ctx, make([]byte, 2*maxBlock), uint64(len(disk))-maxBlock, 0)
 			assert.Error(t, err)
 			select {
 			case err := <-served:

@@ -27,11 +27,17 @@ type fakeServer struct {
 
 func newClientPair(t *testing.T, opts ClientOptions) (*Client, *fakeServer) {
 	t.Helper()
+	return newClientPairFor(t, opts, testServerConfig())
+}
+
+// newClientPairFor is newClientPair with the server's exports given by cfg.
+func newClientPairFor(t *testing.T, opts ClientOptions, cfg *ServerConfig) (*Client, *fakeServer) {
+	t.Helper()
 	cc, sc := pipe(t)
 	br := bufio.NewReader(sc)
 	ch := make(chan handshakeResult, 1)
 	go func() {
-		sess, err := ServerHandshake(br, sc, testServerConfig())
+		sess, err := ServerHandshake(br, sc, cfg)
 		ch <- handshakeResult{sess, err}
 	}()
 	c, err := NewClient(cc, &opts)
