@@ -20,6 +20,10 @@ const (
 	EOVERFLOW Errno = 75  // NBD_EOVERFLOW
 	ENOTSUP   Errno = 95  // NBD_ENOTSUP
 	ESHUTDOWN Errno = 108 // NBD_ESHUTDOWN
+
+	// EBADMSG is not in the specification: the C flexnbd sends it in
+	// the reply to a request header with a bad magic, then disconnects.
+	EBADMSG Errno = 74
 )
 
 func (e Errno) Error() string {
@@ -40,6 +44,8 @@ func (e Errno) Error() string {
 		return "nbd: operation not supported (ENOTSUP)"
 	case ESHUTDOWN:
 		return "nbd: server is shutting down (ESHUTDOWN)"
+	case EBADMSG:
+		return "nbd: bad message (EBADMSG)"
 	}
 	return "nbd: error " + strconv.FormatUint(uint64(e), 10)
 }

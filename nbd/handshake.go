@@ -41,7 +41,8 @@ type ServerConfig struct {
 	// instead of negotiating: the C flexnbd's wire format.
 	Oldstyle bool
 	// Lookup resolves an export name. An error refuses the export: with
-	// NBD_REP_ERR_UNKNOWN and the error's text for INFO and GO, by
+	// the reply and message of an *OptionError, otherwise with
+	// NBD_REP_ERR_UNKNOWN and the error's text, for INFO and GO; by
 	// closing the connection for EXPORT_NAME (which cannot report errors).
 	Lookup func(name string) (ExportInfo, error)
 	// List returns the exports NBD_OPT_LIST announces.
@@ -344,6 +345,10 @@ func (h *serverHandshake) infoOrGo(opt Opt, data []byte) (*Session, error) {
 	}
 	exp, err := h.cfg.Lookup(name)
 	if err != nil {
+		var oe *OptionError
+		if errors.As(err, &oe) && oe.Rep.IsError() {
+			return nil, h.reply(opt, oe.Rep, oe.Message)
+		}
 		return nil, h.reply(opt, RepErrUnknown, err.Error())
 	}
 	sess := h.session(exp, name)

@@ -2,6 +2,7 @@ package server
 
 import (
 	"bufio"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -44,6 +45,18 @@ type conn struct {
 	hdrBuf     [nbd.RequestHeaderSize]byte // owned by the reader
 	size       uint64
 	maxPayload uint32
+
+	// exportName is what the client asked for in the handshake.
+	exportName string
+
+	// owned by whichever goroutine is reading (readers hand over in
+	// order, and serve reads them after every reader has finished)
+	received uint64  // requests decoded, DISC excluded
+	lastCmd  nbd.Cmd // the last of them
+	gotDisc  bool
+	// flushedSeq is the sequence number (1-based, in arrival order) of
+	// the latest FLUSH that succeeded.
+	flushedSeq atomic.Uint64
 
 	slots    chan struct{}  // one per request executing
 	wg       sync.WaitGroup // request goroutines
@@ -111,9 +124,13 @@ func (c *conn) serve() {
 		defer close(stop)
 		go c.watchdog(stop)
 	}
+	if p := c.srv.cfg.Sessions; p != nil && p.Exclusive() {
+		c.takeExport()
+	}
 	c.wg.Add(1)
 	c.readLoop()
 	c.wg.Wait()
+	c.sessionEnded(c.gotDisc)
 	c.log.Info().Msg("client disconnected")
 }
 
@@ -127,7 +144,7 @@ func (c *conn) handshake() error {
 	}
 	sess, err := nbd.ServerHandshake(c.br, c.nc, &nbd.ServerConfig{
 		Oldstyle: cfg.Oldstyle,
-		Lookup:   func(string) (nbd.ExportInfo, error) { return c.srv.exportInfo(), nil },
+		Lookup:   c.lookup,
 		List:     func() []nbd.ExportInfo { return []nbd.ExportInfo{c.srv.exportInfo()} },
 		Closing:  c.draining.Load,
 	})
@@ -146,6 +163,18 @@ func (c *conn) handshake() error {
 		Bool("block_status", sess.AllocationContext != 0).Str("export", sess.Export.Name).
 		Msg("handshake complete")
 	return nil
+}
+
+// lookup admits a client to the one export under the session policy.
+func (c *conn) lookup(name string) (nbd.ExportInfo, error) {
+	if p := c.srv.cfg.Sessions; p != nil {
+		if err := p.Allow(name); err != nil {
+			c.log.Info().Err(err).Str("export", name).Msg("client refused by the session policy")
+			return nbd.ExportInfo{}, policyRefusal(err)
+		}
+	}
+	c.exportName = name
+	return c.srv.exportInfo(), nil
 }
 
 func (s *Server) exportInfo() nbd.ExportInfo {
@@ -278,7 +307,10 @@ func (c *conn) endReading(err error) {
 	var ne net.Error
 	switch {
 	case errors.Is(err, errDisconnect):
+		c.gotDisc = true
 		c.log.Debug().Msg("disconnect requested")
+	case errors.Is(err, errDropped):
+		c.log.Info().Msg("held requests dropped; closing")
 	case c.draining.Load() && (errors.As(err, &ne) && ne.Timeout() || errors.Is(err, errShutdown)):
 		c.log.Debug().Msg("stopped reading for shutdown")
 	case errors.Is(err, io.EOF) || isClosedConn(err):
@@ -293,10 +325,14 @@ func isClosedConn(err error) bool {
 		errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, io.EOF)
 }
 
+// errDropped ends reading when a hold ended by dropping held requests.
+var errDropped = errors.New("held requests dropped")
+
 // readRequest reads the next request. It returns nil, nil for a request it
 // answered by itself (a refused request, or a write too large to buffer).
 // Registration with the ordering gate happens here, so arrival order is
-// registration order.
+// registration order. A request returned has entered the server's hold
+// (see Hold) and leaves it when executed.
 func (c *conn) readRequest() (*request, error) {
 	hdr := &c.hdrBuf
 	c.needFlush(len(hdr))
@@ -305,11 +341,37 @@ func (c *conn) readRequest() (*request, error) {
 	}
 	req, err := nbd.DecodeRequest(hdr)
 	if err != nil {
+		if c.sess.Oldstyle {
+			c.badMagic(hdr)
+		}
 		return nil, err
 	}
 	if req.Type == nbd.CmdDisc {
 		return nil, errDisconnect
 	}
+	if !c.srv.enter() {
+		return nil, errDropped
+	}
+	c.received++
+	c.lastCmd = req.Type
+	r, err := c.admit(req)
+	if r == nil {
+		c.srv.leave()
+	}
+	return r, err
+}
+
+// badMagic answers a request header that does not start with the request
+// magic as the C flexnbd does before it disconnects: one simple reply with
+// EBADMSG and whatever stands where the cookie would be.
+func (c *conn) badMagic(hdr *[nbd.RequestHeaderSize]byte) {
+	r := newRequest(c, nbd.Request{Cookie: binary.BigEndian.Uint64(hdr[8:16])})
+	r.setError(nbd.EBADMSG, "bad request magic")
+	c.out.send(r)
+}
+
+// admit validates a decoded request and prepares it to run.
+func (c *conn) admit(req nbd.Request) (*request, error) {
 	c.srv.stats.Requests.Add(1)
 	if c.draining.Load() {
 		c.refuse(req, nbd.ESHUTDOWN, "server is shutting down")
@@ -332,6 +394,7 @@ func (c *conn) readRequest() (*request, error) {
 	}
 
 	r := newRequest(c, req)
+	r.seq = c.received
 	end := req.Offset + uint64(req.Length)
 	switch req.Type {
 	case nbd.CmdWrite:
@@ -396,6 +459,9 @@ func (c *conn) execute(r *request, nowait bool) (done bool) {
 			}
 			r.setError(nbd.EIO, "internal error")
 			done = true
+		}
+		if done {
+			c.srv.leave()
 		}
 	}()
 	if r.span != nil {

@@ -5,9 +5,13 @@
 // its size, the client connections (negotiation through package nbd, the
 // access list, the kill switch, graceful shutdown), the order in which
 // overlapping requests take effect, and durability. A mirror learns of
-// changes through the write hook (Config.OnWrite, SetWriteHook) and moves
-// clients away with SetACL, DropClients and Close; the package knows
-// nothing of mirrors or control sockets.
+// changes through the write hook (Config.OnWrite, SetWriteHook), which
+// also sees changes that failed part-way, stops the export for its final
+// copy with Hold, and then either lets the held requests run (Resume) or
+// abandons them unexecuted (DropHeld) when the destination took over. A
+// migration destination admits only its source, one connection at a time,
+// and learns that the source finished, through a SessionPolicy. The
+// package knows nothing of mirrors or control sockets.
 //
 // # Request path
 //

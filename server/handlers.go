@@ -124,10 +124,12 @@ func (c *conn) handleRead(r *request, nowait bool) error {
 }
 
 func (c *conn) handleWrite(r *request) error {
-	if err := c.srv.cfg.Backend.WriteAt(r.buf, r.Offset, r.Flags&nbd.CmdFlagFUA != 0); err != nil {
+	err := c.srv.cfg.Backend.WriteAt(r.buf, r.Offset, r.Flags&nbd.CmdFlagFUA != 0)
+	// A write that failed may still have changed part of its range.
+	c.srv.notifyWrite(r.Offset, uint64(r.Length))
+	if err != nil {
 		return err
 	}
-	c.srv.notifyWrite(r.Offset, uint64(r.Length))
 	c.srv.stats.BytesWritten.Add(uint64(r.Length))
 	r.setOK()
 	return nil
@@ -137,12 +139,19 @@ func (c *conn) handleFlush(r *request) error {
 	if err := c.srv.cfg.Backend.Sync(); err != nil {
 		return err
 	}
+	for {
+		seen := c.flushedSeq.Load()
+		if seen >= r.seq || c.flushedSeq.CompareAndSwap(seen, r.seq) {
+			break
+		}
+	}
 	r.setOK()
 	return nil
 }
 
 func (c *conn) handleTrim(r *request) error {
 	if err := c.srv.cfg.Backend.Trim(r.Offset, uint64(r.Length)); err != nil {
+		c.srv.notifyWrite(r.Offset, uint64(r.Length))
 		return err
 	}
 	return c.changed(r)
@@ -152,6 +161,7 @@ func (c *conn) handleWriteZeroes(r *request) error {
 	noHole := r.Flags&nbd.CmdFlagNoHole != 0
 	fast := r.Flags&nbd.CmdFlagFastZero != 0
 	if err := c.srv.cfg.Backend.Zero(r.Offset, uint64(r.Length), noHole, fast); err != nil {
+		c.srv.notifyWrite(r.Offset, uint64(r.Length))
 		return err
 	}
 	return c.changed(r)

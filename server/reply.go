@@ -16,6 +16,7 @@ type request struct {
 	buf      []byte  // pooled data: a WRITE's payload or a READ's data
 	bufp     *[]byte // the pool's handle for buf
 	budgeted int
+	seq      uint64 // arrival order on its connection, from 1
 	// demoted is set (under conn.promoteMu) when the reader running this
 	// write handed reading over to another goroutine.
 	demoted bool

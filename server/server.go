@@ -44,11 +44,16 @@ type Config struct {
 	// WriteTimeout drops a client that does not read its replies for this
 	// long. Default 2 minutes.
 	WriteTimeout time.Duration
-	// OnWrite, if set, is called after every successful change to the
-	// export (WRITE, TRIM, WRITE_ZEROES) and before it is acknowledged:
-	// the hook a mirror uses to track dirty ranges.
+	// OnWrite, if set, is called after every attempt to change the export
+	// (WRITE, TRIM, WRITE_ZEROES), failed ones included since they may
+	// have changed part of their range, while the range is still held in
+	// the ordering gate and before the reply: the hook a mirror uses to
+	// track dirty ranges.
 	OnWrite func(off, length uint64)
-	Logger  zerolog.Logger
+	// Sessions, if set, decides who may use the export and hears how
+	// sessions end (a migration destination); nil admits everyone.
+	Sessions SessionPolicy
+	Logger   zerolog.Logger
 }
 
 // ErrServerClosed is returned by Serve after Shutdown or Close.
@@ -59,6 +64,7 @@ type Server struct {
 	cfg  Config
 	log  zerolog.Logger
 	gate orderGate
+	hold hold
 	acl  atomic.Pointer[acl.List]
 	// writeHook is Config.OnWrite; swapped while serving by a mirror.
 	writeHook atomic.Pointer[func(off, length uint64)]
@@ -68,6 +74,7 @@ type Server struct {
 	conns     map[*conn]struct{}
 	closing   bool
 	connsDone *sync.Cond // signalled when conns shrinks
+	exclusive *conn      // the session that has the export alone, if any
 
 	stats Stats
 	start time.Time
@@ -116,6 +123,7 @@ func New(cfg Config) *Server {
 		start:     time.Now(),
 	}
 	s.connsDone = sync.NewCond(&s.mu)
+	s.hold.init()
 	s.monitorWake = make(chan struct{}, 1)
 	s.acl.Store(cfg.ACL)
 	if cfg.OnWrite != nil {
@@ -296,8 +304,11 @@ func (s *Server) isClosing() bool {
 	return s.closing
 }
 
-// beginClose stops accepting and returns the live connections.
+// beginClose stops accepting and returns the live connections. Requests
+// held by Hold are dropped: a closing server must not start them, and
+// their readers must not wait for a Resume that will not come.
 func (s *Server) beginClose() []*conn {
+	s.DropHeld()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.closing = true
