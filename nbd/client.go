@@ -350,31 +350,71 @@ func (c *Client) fail(err error) {
 // Close waits for pending requests, sends NBD_CMD_DISC and closes the
 // connection.
 func (c *Client) Close() error {
-	// Taking every slot of the semaphore waits out the requests in flight;
-	// giving them back afterwards lets late callers see ErrClientClosed.
+	defer c.quiesce()()
+	_, err := c.sendDisc()
+	c.fail(ErrClientClosed)
+	return err
+}
+
+// Disconnect waits for pending requests, sends NBD_CMD_DISC and then waits
+// until the server closes the connection, which a server does once it has
+// read the request: nil confirms that the server saw the disconnect, which
+// a migration's hand-off relies on. ctx bounds the wait; the connection is
+// closed either way.
+func (c *Client) Disconnect(ctx context.Context) error {
+	defer c.quiesce()()
+	sent, err := c.sendDisc()
+	if !sent {
+		c.fail(ErrClientClosed)
+		if err == nil {
+			err = c.Err()
+		}
+		return fmt.Errorf("nbd: disconnect: %w", err)
+	}
+	select {
+	case <-c.readerDone:
+	case <-ctx.Done():
+		c.fail(ErrClientClosed)
+		return fmt.Errorf("nbd: disconnect not confirmed: %w", ctx.Err())
+	}
+	err = c.Err()
+	c.fail(ErrClientClosed)
+	if !errors.Is(err, io.EOF) {
+		return fmt.Errorf("nbd: disconnect not confirmed: %w", err)
+	}
+	return nil
+}
+
+// quiesce waits out the requests in flight by taking every slot of the
+// semaphore; the function it returns gives them back, so that late callers
+// see the client's error rather than block.
+func (c *Client) quiesce() (release func()) {
 	for i := 0; i < cap(c.sem); i++ {
 		c.sem <- struct{}{}
 	}
-	defer func() {
+	return func() {
 		for i := 0; i < cap(c.sem); i++ {
 			<-c.sem
 		}
-	}()
+	}
+}
+
+// sendDisc sends NBD_CMD_DISC unless the connection already failed.
+func (c *Client) sendDisc() (sent bool, err error) {
 	c.mu.Lock()
 	alive := c.err == nil
 	c.mu.Unlock()
-	var err error
-	if alive {
-		var hdr [RequestHeaderSize]byte
-		c.wmu.Lock()
-		_, err = c.conn.Write(AppendRequest(hdr[:0], Request{Type: CmdDisc}))
-		c.wmu.Unlock()
+	if !alive {
+		return false, nil
 	}
-	c.fail(ErrClientClosed)
+	var hdr [RequestHeaderSize]byte
+	c.wmu.Lock()
+	_, err = c.conn.Write(AppendRequest(hdr[:0], Request{Type: CmdDisc}))
+	c.wmu.Unlock()
 	if err != nil {
-		return fmt.Errorf("nbd: send disconnect: %w", err)
+		return false, fmt.Errorf("nbd: send disconnect: %w", err)
 	}
-	return nil
+	return true, nil
 }
 
 func (c *Client) readLoop() {

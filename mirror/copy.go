@@ -1,0 +1,169 @@
+package mirror
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/flexnbd/flexnbd/nbd"
+)
+
+// maxZeroRequest bounds one WRITE_ZEROES: the length field has 32 bits,
+// and some servers bound what they zero at once.
+const maxZeroRequest = 1 << 30
+
+// run is a stretch of the export that is all data or all hole.
+type run struct {
+	off, len uint64
+	hole     bool
+}
+
+// copyExtent sends e as the source holds it now: data runs as WRITEs,
+// holes as WRITE_ZEROES (or nothing where the destination already reads
+// zeroes, which only the first pass asks about), or as zero data to a
+// destination without WRITE_ZEROES. limited paces the sends by the speed
+// limit.
+func (a *attempt) copyExtent(ctx context.Context, e extent, firstPass, limited bool) error {
+	var runs []run
+	err := a.m.cfg.Export.Extents(e.off, e.len, func(off, n uint64, hole bool) bool {
+		if k := len(runs); k > 0 && runs[k-1].hole == hole {
+			runs[k-1].len += n
+		} else {
+			runs = append(runs, run{off, n, hole})
+		}
+		return true
+	})
+	if err != nil {
+		return fmt.Errorf("mirror: source extents: %w", err)
+	}
+	for _, r := range runs {
+		if r.hole {
+			err = a.copyHole(ctx, r.off, r.len, firstPass, limited)
+		} else {
+			err = a.copyData(ctx, r.off, r.len, limited)
+		}
+		if err != nil {
+			return err
+		}
+		a.m.settled.Add(r.len)
+	}
+	return nil
+}
+
+// copyData sends [off, off+n) in WRITEs of at most one chunk.
+func (a *attempt) copyData(ctx context.Context, off, n uint64, limited bool) error {
+	chunk := a.m.cfg.ChunkSize
+	bp := a.m.getBuf()
+	defer a.m.bufs.Put(bp)
+	for n > 0 {
+		k := min(n, chunk)
+		buf := (*bp)[:k]
+		if err := a.m.cfg.Export.ReadAt(buf, off); err != nil {
+			return fmt.Errorf("mirror: read source at %d: %w", off, err)
+		}
+		if err := a.write(ctx, buf, off, limited); err != nil {
+			return err
+		}
+		off += k
+		n -= k
+	}
+	return nil
+}
+
+// write sends one WRITE and waits for its reply.
+func (a *attempt) write(ctx context.Context, p []byte, off uint64, limited bool) error {
+	if limited {
+		if err := a.m.lim.wait(ctx, uint64(len(p))); err != nil {
+			return err
+		}
+	}
+	rctx, cancel := context.WithTimeout(ctx, a.m.cfg.RequestTimeout)
+	defer cancel()
+	if err := a.c.Write(rctx, p, off, 0); err != nil {
+		return fmt.Errorf("mirror: write %d bytes at %d: %w", len(p), off, err)
+	}
+	a.m.sent.Add(uint64(len(p)))
+	return nil
+}
+
+// copyHole makes [off, off+n) read as zeroes on the destination.
+func (a *attempt) copyHole(ctx context.Context, off, n uint64, firstPass, limited bool) error {
+	if !a.zeroes {
+		return a.writeZeroData(ctx, off, n, limited)
+	}
+	if !firstPass || !a.blockStatus {
+		return a.writeZeroes(ctx, off, n)
+	}
+	// The first pass meets every hole of the source, and a new
+	// destination is mostly holes itself: ask before zeroing.
+	end := off + n
+	for off < end {
+		q := uint32(min(end-off, maxZeroRequest))
+		rctx, cancel := context.WithTimeout(ctx, a.m.cfg.RequestTimeout)
+		exts, err := a.c.BlockStatus(rctx, off, q, 0)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("mirror: destination block status at %d: %w", off, err)
+		}
+		if len(exts) == 0 {
+			return fmt.Errorf("mirror: destination block status at %d: no extents", off)
+		}
+		for _, x := range exts {
+			k := min(uint64(x.Length), end-off)
+			if x.Flags&nbd.StateZero == 0 {
+				if err := a.writeZeroes(ctx, off, k); err != nil {
+					return err
+				}
+			}
+			off += k
+			if off >= end {
+				break
+			}
+		}
+	}
+	return nil
+}
+
+func (a *attempt) writeZeroes(ctx context.Context, off, n uint64) error {
+	for n > 0 {
+		k := min(n, maxZeroRequest)
+		rctx, cancel := context.WithTimeout(ctx, a.m.cfg.RequestTimeout)
+		err := a.c.WriteZeroes(rctx, off, uint32(k), 0)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("mirror: write zeroes %d bytes at %d: %w", k, off, err)
+		}
+		off += k
+		n -= k
+	}
+	return nil
+}
+
+// writeZeroData zeroes a range of a destination that has no WRITE_ZEROES
+// (the C flexnbd's listen): its receiver keeps zero blocks sparse.
+func (a *attempt) writeZeroData(ctx context.Context, off, n uint64, limited bool) error {
+	zero := a.m.zeroChunk()
+	for n > 0 {
+		k := min(n, uint64(len(zero)))
+		if err := a.write(ctx, zero[:k], off, limited); err != nil {
+			return err
+		}
+		off += k
+		n -= k
+	}
+	return nil
+}
+
+// getBuf hands out a chunk-sized copy buffer; put it back in m.bufs.
+func (m *Mirror) getBuf() *[]byte {
+	if p, ok := m.bufs.Get().(*[]byte); ok {
+		return p
+	}
+	b := make([]byte, m.cfg.ChunkSize)
+	return &b
+}
+
+// zeroChunk is a chunk of zeroes, made once and only read.
+func (m *Mirror) zeroChunk() []byte {
+	m.zeroOnce.Do(func() { m.zeroes = make([]byte, m.cfg.ChunkSize) })
+	return m.zeroes
+}
