@@ -21,7 +21,8 @@ type Client struct {
 	// Path is the socket's path.
 	Path string
 	// Timeout bounds each conversation, connecting included; zero means
-	// DefaultClientTimeout.
+	// DefaultClientTimeout, and a negative one leaves the bound to the
+	// context (mirror_wait lasts as long as the migration).
 	Timeout time.Duration
 }
 
@@ -54,11 +55,14 @@ func (c *Client) Do(ctx context.Context, command string, args ...string) (Reply,
 		return Reply{}, err
 	}
 	timeout := c.Timeout
-	if timeout <= 0 {
+	if timeout == 0 {
 		timeout = DefaultClientTimeout
 	}
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
+	if timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, timeout)
+		defer cancel()
+	}
 	var d net.Dialer
 	nc, err := d.DialContext(ctx, "unix", c.Path)
 	if err != nil {

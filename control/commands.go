@@ -20,7 +20,9 @@ func (s *Server) dispatch(lines []string) Reply {
 	case CmdACL:
 		return s.handleACL(args)
 	case CmdMirror:
-		return s.handleMirror(args)
+		return s.handleMirror(args, false)
+	case CmdMirrorWait:
+		return s.handleMirror(args, true)
 	case CmdMirrorMaxBps:
 		return s.handleMirrorMaxBps(args)
 	case CmdBreak:
@@ -34,7 +36,7 @@ func (s *Server) dispatch(lines []string) Reply {
 // peer.
 var sentinels = []error{
 	ErrMirrorCompleted, ErrMirrorRunning, ErrMirrorConnect, ErrMirrorRejected,
-	ErrMirrorNoGreeting, ErrMirrorSizeMismatch, ErrShuttingDown, ErrNotMirroring,
+	ErrMirrorNoGreeting, ErrMirrorSizeMismatch, ErrShuttingDown, ErrNotMirroring, ErrMirrorStopped,
 }
 
 func (s *Server) failure(cmd string, err error) Reply {
@@ -65,8 +67,9 @@ func (s *Server) handleACL(entries []string) Reply {
 }
 
 // handleMirror parses, in the C flexnbd's order and words: IP, PORT, then
-// optionally an action, a bind address and a speed limit.
-func (s *Server) handleMirror(args []string) Reply {
+// optionally an action, a bind address and a speed limit. With wait it
+// answers once the migration has ended.
+func (s *Server) handleMirror(args []string, wait bool) Reply {
 	fail := func(msg string) Reply { return Reply{CodeFailed, msg} }
 	if len(args) < 2 {
 		return fail("mirror takes at least two parameters")
@@ -115,7 +118,14 @@ func (s *Server) handleMirror(args []string) Reply {
 	if err := s.Handler.Mirror(s.ctx, req); err != nil {
 		return s.failure(CmdMirror, err)
 	}
-	return Reply{CodeOK, msgMirrorStarted}
+	if !wait {
+		return Reply{CodeOK, msgMirrorStarted}
+	}
+	msg, err := s.Handler.WaitMirror(s.ctx)
+	if err != nil {
+		return s.failure(CmdMirrorWait, err)
+	}
+	return Reply{CodeOK, msg}
 }
 
 // handleMirrorMaxBps answers "Not currently mirroring" before looking at

@@ -31,6 +31,11 @@ type Handler interface {
 	// SetMirrorSpeed changes the running migration's speed limit in
 	// bytes per second: ErrNotMirroring if there is none.
 	SetMirrorSpeed(bytesPerSecond uint64) error
+	// WaitMirror waits until the migration in progress, or the last one,
+	// has ended and words its outcome: a nil error when it completed,
+	// ErrMirrorStopped when it was stopped, ErrNotMirroring when there
+	// was none. ctx ends the wait, not the migration.
+	WaitMirror(ctx context.Context) (string, error)
 }
 
 // NoSpeedLimit is the speed limit that does not limit, as the C flexnbd
@@ -91,6 +96,9 @@ var (
 	ErrMirrorSizeMismatch = errors.New("Remote size does not match local size")
 	// ErrShuttingDown: mirror while the instance is stopping.
 	ErrShuttingDown = errors.New("shutting down")
+	// ErrMirrorStopped: the migration waited for was stopped by break or
+	// a shutdown.
+	ErrMirrorStopped = errors.New("mirror stopped")
 )
 
 // Replies the C flexnbd words exactly so.

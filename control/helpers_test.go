@@ -85,6 +85,15 @@ func (h *fakeHandler) Break(context.Context) error {
 	return nil
 }
 
+func (h *fakeHandler) WaitMirror(context.Context) (string, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.completed {
+		return "mirror completed", nil
+	}
+	return "", control.ErrMirrorStopped
+}
+
 func (h *fakeHandler) SetMirrorSpeed(n uint64) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()

@@ -25,9 +25,11 @@ var baseStatus = control.StatusInfo{
 	ConnectionsSeen: 5, ConnectionsRejected: 1,
 	Migration: control.MigrationStatus{
 		BytesPerSecond: 1000, Duration: 7 * time.Second, SecondsLeft: 60, BytesLeft: 60000,
-		SpeedLimit: control.NoSpeedLimit,
+		SpeedLimit: control.NoSpeedLimit, Pass: 2, Mode: "copy", Attempts: 1, BytesSent: 123,
 	},
 }
+
+const migrationExtras = "migration_pass=2 migration_mode=copy migration_attempts=1 migration_bytes_sent=123 "
 
 const baseExtras = "uptime=90 bytes_read=11 bytes_written=22 requests=33 errors=4 connections_seen=5 connections_rejected=1 "
 
@@ -48,11 +50,11 @@ func TestConversation(t *testing.T) {
 			reply: "0: pid=4242 size=1073741824 is_mirroring=false clients_allowed=true num_clients=3 has_control=true " + baseExtras + "\n"},
 		{name: "status while mirroring without a limit", mirroring: true, limit: control.NoSpeedLimit, request: "status\n\n",
 			reply: "0: pid=4242 size=1073741824 is_mirroring=true clients_allowed=true num_clients=3 has_control=true " +
-				"migration_speed=1000 migration_duration=7 migration_seconds_left=60 migration_bytes_left=60000 " + baseExtras + "\n"},
+				"migration_speed=1000 migration_duration=7 migration_seconds_left=60 migration_bytes_left=60000 " + migrationExtras + baseExtras + "\n"},
 		{name: "status while mirroring with a limit", mirroring: true, limit: 5000, request: "status\n\n",
 			reply: "0: pid=4242 size=1073741824 is_mirroring=true clients_allowed=true num_clients=3 has_control=true " +
 				"migration_speed=1000 migration_duration=7 migration_seconds_left=60 migration_bytes_left=60000 " +
-				"migration_speed_limit=5000 " + baseExtras + "\n"},
+				"migration_speed_limit=5000 " + migrationExtras + baseExtras + "\n"},
 		{name: "status ended by end of input", request: "status\n",
 			reply: "0: pid=4242 size=1073741824 is_mirroring=false clients_allowed=true num_clients=3 has_control=true " + baseExtras + "\n"},
 		{name: "status with CRLF lines", request: "status\r\n\r\n",

@@ -22,6 +22,9 @@ type StatusInfo struct {
 	Migration MigrationStatus
 
 	// Fields of this implementation, reported after the C ones.
+	// LastFreeze is how long clients were held by the last completed
+	// migration (shown when one completed and the server kept serving).
+	LastFreeze          time.Duration
 	Uptime              time.Duration
 	BytesRead           uint64
 	BytesWritten        uint64
@@ -42,6 +45,12 @@ type MigrationStatus struct {
 	// SpeedLimit is in bytes per second; NoSpeedLimit leaves it out of
 	// the status line, as the C flexnbd does.
 	SpeedLimit uint64
+
+	// This implementation's own, reported after the C fields.
+	Pass      int
+	Mode      string // copy, active or freeze
+	Attempts  int
+	BytesSent uint64
 }
 
 // Field is one key=value pair of a status line.
@@ -72,6 +81,15 @@ func (s StatusInfo) Fields() []Field {
 		if m.SpeedLimit != NoSpeedLimit {
 			f = append(f, Field{"migration_speed_limit", u(m.SpeedLimit)})
 		}
+		f = append(f,
+			Field{"migration_pass", strconv.Itoa(m.Pass)},
+			Field{"migration_mode", m.Mode},
+			Field{"migration_attempts", strconv.Itoa(m.Attempts)},
+			Field{"migration_bytes_sent", u(m.BytesSent)},
+		)
+	}
+	if s.LastFreeze > 0 {
+		f = append(f, Field{"migration_last_freeze_ms", u(uint64(s.LastFreeze / time.Millisecond))})
 	}
 	return append(f,
 		Field{"uptime", u(uint64(s.Uptime / time.Second))},

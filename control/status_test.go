@@ -16,6 +16,7 @@ import (
 func TestStatusFieldOrder(t *testing.T) {
 	cFields := []string{"pid", "size", "is_mirroring", "clients_allowed", "num_clients", "has_control"}
 	migration := []string{"migration_speed", "migration_duration", "migration_seconds_left", "migration_bytes_left"}
+	ours := []string{"migration_pass", "migration_mode", "migration_attempts", "migration_bytes_sent"}
 	extras := []string{"uptime", "bytes_read", "bytes_written", "requests", "errors", "connections_seen", "connections_rejected"}
 	cat := func(parts ...[]string) []string {
 		var out []string
@@ -31,9 +32,9 @@ func TestStatusFieldOrder(t *testing.T) {
 		want      []string
 	}{
 		{name: "idle", limit: control.NoSpeedLimit, want: cat(cFields, extras)},
-		{name: "mirroring", mirroring: true, limit: control.NoSpeedLimit, want: cat(cFields, migration, extras)},
+		{name: "mirroring", mirroring: true, limit: control.NoSpeedLimit, want: cat(cFields, migration, ours, extras)},
 		{name: "mirroring with a limit", mirroring: true, limit: 1 << 20,
-			want: cat(cFields, migration, []string{"migration_speed_limit"}, extras)},
+			want: cat(cFields, migration, []string{"migration_speed_limit"}, ours, extras)},
 		{name: "a limit without a mirror is not shown", limit: 1 << 20, want: cat(cFields, extras)},
 	}
 	for _, tt := range tests {
@@ -53,13 +54,16 @@ func TestStatusValues(t *testing.T) {
 		PID: 7, Size: 1 << 40, IsMirroring: true, ClientsAllowed: false, NumClients: 2, HasControl: true,
 		Migration: control.MigrationStatus{
 			BytesPerSecond: 5, Duration: 2500 * time.Millisecond, SecondsLeft: 3, BytesLeft: 15, SpeedLimit: 9,
+			Pass: 3, Mode: "active", Attempts: 2, BytesSent: 99,
 		},
+		LastFreeze: 12 * time.Millisecond,
 		Uptime: 61*time.Second + 999*time.Millisecond, BytesRead: 1, BytesWritten: 2, Requests: 3, Errors: 4,
 		ConnectionsSeen: 5, ConnectionsRejected: 6,
 	}
 	require.Equal(t,
 		"pid=7 size=1099511627776 is_mirroring=true clients_allowed=false num_clients=2 has_control=true "+
 			"migration_speed=5 migration_duration=2 migration_seconds_left=3 migration_bytes_left=15 migration_speed_limit=9 "+
+			"migration_pass=3 migration_mode=active migration_attempts=2 migration_bytes_sent=99 migration_last_freeze_ms=12 "+
 			"uptime=61 bytes_read=1 bytes_written=2 requests=3 errors=4 connections_seen=5 connections_rejected=6 ",
 		control.FormatFields(st.Fields()))
 }

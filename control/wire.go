@@ -25,6 +25,9 @@ const (
 	CmdMirror       = "mirror"
 	CmdMirrorMaxBps = "mirror_max_bps"
 	CmdBreak        = "break"
+	// CmdMirrorWait takes the lines of CmdMirror and answers only once
+	// the migration it started has ended (this implementation's own).
+	CmdMirrorWait = "mirror_wait"
 )
 
 const (

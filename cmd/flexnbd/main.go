@@ -14,6 +14,8 @@ import (
 // an error for a one-line report and exit status 1.
 type cli struct {
 	Serve       ServeCmd       `cmd:"" help:"Serve a file or block device over NBD."`
+	Listen      ListenCmd      `cmd:"" help:"Receive a migration, then exit or go on serving."`
+	Mirror      MirrorCmd      `cmd:"" help:"Migrate a running server's export to a listening destination."`
 	Read        ReadCmd        `cmd:"" help:"Read a range of an NBD export to standard output."`
 	Write       WriteCmd       `cmd:"" help:"Write standard input to a range of an NBD export."`
 	Status      StatusCmd      `cmd:"" help:"Print the status of a running flexnbd."`

@@ -40,8 +40,9 @@ const shutdownGrace = 30 * time.Second
 // delay a shutdown.
 const controlGrace = 2 * time.Second
 
-// Run serves until SIGINT, SIGTERM or SIGQUIT, then finishes in-flight
-// requests, syncs the file and returns.
+// Run serves until SIGINT, SIGTERM or SIGQUIT, or until a migration handed
+// the export over, then finishes in-flight requests, syncs the file and
+// returns.
 func (c *ServeCmd) Run() error {
 	log := c.logger()
 	list, err := acl.New(c.ACL, c.DefaultDeny)
@@ -53,7 +54,6 @@ func (c *ServeCmd) Run() error {
 		return err
 	}
 	defer file.Close()
-
 	l, err := net.Listen("tcp", net.JoinHostPort(c.Addr, strconv.Itoa(int(c.Port))))
 	if err != nil {
 		return err
@@ -73,7 +73,19 @@ func (c *ServeCmd) Run() error {
 	})
 	log.Info().Str("listen", l.Addr().String()).Str("file", c.File).Uint64("size", srv.Size()).
 		Bool("oldstyle", c.Oldstyle).Bool("read_only", c.ReadOnly).Msg("serving")
+	return runInstance(newInstance(srv, file, c.File, nil, log), l, c.Sock, false)
+}
 
+// errStoppedMidMigration is the exit of a server stopped while it was
+// migrating its export, or still receiving it: the other side holds no
+// complete copy.
+var errStoppedMidMigration = errors.New("stopped during a migration")
+
+// runInstance serves inst on l, with its control socket at sock, until a
+// signal, a hand-off or a failure ends it. A listen instance that
+// completes its migration exits then, or with thenServe goes on serving.
+func runInstance(inst *instance, l net.Listener, sock string, thenServe bool) error {
+	log, srv := inst.log, inst.srv
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGQUIT)
 	defer signal.Stop(sigs)
@@ -82,7 +94,7 @@ func (c *ServeCmd) Run() error {
 
 	// The control socket appears only now that the NBD port listens:
 	// scripts wait for the file and then expect to connect.
-	ctl, ctlErr, err := startControl(c.Sock, &serveHandler{srv: srv, log: log}, log)
+	ctl, ctlErr, err := startControl(sock, inst, log)
 	if err != nil {
 		srv.Close()
 		<-serveErr
@@ -90,34 +102,76 @@ func (c *ServeCmd) Run() error {
 	}
 	defer ctl.Close() // removes the socket file on every way out
 
-	select {
-	case sig := <-sigs:
-		log.Info().Str("signal", sig.String()).Msg("shutting down")
-	case err := <-serveErr:
-		return fmt.Errorf("serve: %w", err)
-	case err := <-ctlErr:
-		srv.Close()
-		<-serveErr
-		return fmt.Errorf("control socket: %w", err)
+	var complete <-chan struct{}
+	if inst.dest != nil {
+		complete = inst.dest.Complete()
 	}
-	// Control goes first, so the socket file is gone by the time the
-	// NBD port closes; a conversation still going after a short while is
-	// cut rather than allowed to delay the export's shutdown.
-	ctlCtx, ctlCancel := context.WithTimeout(context.Background(), controlGrace)
-	defer ctlCancel()
-	if err := ctl.Shutdown(ctlCtx); err != nil {
-		log.Warn().Err(err).Msg("control conversations cut short")
+	for {
+		select {
+		case sig := <-sigs:
+			log.Info().Str("signal", sig.String()).Msg("shutting down")
+			midMigration := inst.stopMirror() || !inst.hasControl()
+			if err := shutdown(inst, ctl, serveErr); err != nil {
+				return err
+			}
+			if midMigration {
+				return errStoppedMidMigration
+			}
+			return nil
+		case err := <-serveErr:
+			inst.stopMirror()
+			return fmt.Errorf("serve: %w", err)
+		case err := <-ctlErr:
+			inst.stopMirror()
+			srv.Close()
+			<-serveErr
+			return fmt.Errorf("control socket: %w", err)
+		case <-complete:
+			complete = nil
+			if err := inst.file.Sync(); err != nil {
+				return fmt.Errorf("sync after the migration: %w", err)
+			}
+			if !thenServe {
+				log.Info().Msg("migration received; exiting")
+				return shutdown(inst, ctl, serveErr)
+			}
+			log.Info().Msg("migration received; serving")
+		case <-inst.handedOff:
+			// The held requests were dropped unexecuted; everything
+			// else closes now, without a drain that could run more.
+			log.Info().Msg("export handed off; exiting")
+			srv.Close()
+			<-serveErr
+			ctlShutdown(ctl, log)
+			return nil
+		}
 	}
+}
+
+// shutdown stops control first, so the socket file is gone by the time
+// the NBD port closes, then lets the server finish its requests.
+func shutdown(inst *instance, ctl *control.Server, serveErr <-chan error) error {
+	ctlShutdown(ctl, inst.log)
 	ctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
 	defer cancel()
-	if err := srv.Shutdown(ctx); err != nil {
+	if err := inst.srv.Shutdown(ctx); err != nil {
 		return fmt.Errorf("shutdown: %w", err)
 	}
 	if err := <-serveErr; !errors.Is(err, server.ErrServerClosed) {
 		return err
 	}
-	log.Info().Msg("stopped")
+	inst.log.Info().Msg("stopped")
 	return nil
+}
+
+// ctlShutdown lets control conversations in progress finish for a short
+// while (a mirror_wait gets its answer), then cuts them.
+func ctlShutdown(ctl *control.Server, log zerolog.Logger) {
+	ctx, cancel := context.WithTimeout(context.Background(), controlGrace)
+	defer cancel()
+	if err := ctl.Shutdown(ctx); err != nil {
+		log.Warn().Err(err).Msg("control conversations cut short")
+	}
 }
 
 // startControl serves the control socket at path, if one was asked for.

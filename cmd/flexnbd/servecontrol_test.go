@@ -35,7 +35,7 @@ func ctlServe(t *testing.T, entries []string, defaultDeny bool) (*testserver.Ins
 	path := filepath.Join(t.TempDir(), "ctl.sock")
 	l, err := control.Listen(path)
 	require.NoError(t, err)
-	ctl := &control.Server{Handler: &serveHandler{srv: inst.Server, log: zerolog.Nop()}}
+	ctl := &control.Server{Handler: newInstance(inst.Server, inst.File, inst.Path, nil, zerolog.Nop())}
 	served := make(chan error, 1)
 	go func() { served <- ctl.Serve(l) }()
 	t.Cleanup(func() {
@@ -195,10 +195,14 @@ func TestControlACLErrors(t *testing.T) {
 	})
 }
 
-// TestControlServeReplies: the commands serve cannot carry out yet say so
-// with a failure code.
+// TestControlServeReplies: commands without a migration to act on, and a
+// mirror to a port nobody listens on, fail with the C flexnbd's words.
 func TestControlServeReplies(t *testing.T) {
 	_, ctl := ctlServe(t, nil, false)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	closedPort := strconv.Itoa(l.Addr().(*net.TCPAddr).Port)
+	l.Close()
 	tests := []struct {
 		command string
 		args    []string
@@ -206,7 +210,7 @@ func TestControlServeReplies(t *testing.T) {
 	}{
 		{control.CmdBreak, nil, control.Reply{Code: 1, Message: "not mirroring"}},
 		{control.CmdMirrorMaxBps, []string{"1000"}, control.Reply{Code: 1, Message: "Not currently mirroring"}},
-		{control.CmdMirror, []string{"127.0.0.1", "4777"}, control.Reply{Code: 1, Message: "mirror not supported by this build"}},
+		{control.CmdMirror, []string{"127.0.0.1", closedPort}, control.Reply{Code: 1, Message: "Mirror failed to connect"}},
 		{"frobnicate", nil, control.Reply{Code: 10, Message: "unknown command"}},
 	}
 	for _, tt := range tests {
