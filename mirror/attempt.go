@@ -61,7 +61,9 @@ func (m *Mirror) attempt(parent context.Context, c *nbd.Client) error {
 	}
 	defer func() {
 		m.fwd.Store(nil)
-		c.Close()
+		// Never a DISC here: after a FLUSH the destination would take
+		// it for a completed migration. The hand-off sends its own.
+		c.Abort()
 	}()
 	m.log.Info().Str("target", m.cfg.Target).Bool("write_zeroes", a.zeroes).
 		Bool("block_status", a.blockStatus).Bool("oldstyle", c.Session().Oldstyle).Msg("migration attempt started")
@@ -268,7 +270,7 @@ func (a *attempt) handOff(ctx context.Context) {
 		if err = c.Flush(dctx); err == nil {
 			err = c.Disconnect(dctx)
 		} else {
-			c.Close()
+			c.Abort()
 		}
 		cancel()
 	}

@@ -58,7 +58,7 @@ func (m *Mirror) connect(ctx context.Context) (*nbd.Client, error) {
 		return nil, fmt.Errorf("%w: %w", ErrRejected, err)
 	}
 	if c.Size() != m.cfg.Export.Size() {
-		c.Close()
+		c.Abort() // a DISC would complete an oldstyle destination
 		return nil, fmt.Errorf("%w: destination %d bytes, source %d", ErrSizeMismatch, c.Size(), m.cfg.Export.Size())
 	}
 	return c, nil

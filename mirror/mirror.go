@@ -105,6 +105,7 @@ func (m *Mirror) run(ctx context.Context, c *nbd.Client) {
 		if time.Since(began) > m.cfg.RetryMax {
 			delay = m.cfg.RetryMin // it was making progress
 		}
+		m.setMode(ModeRetry)
 		for {
 			wait := jitter(delay)
 			m.log.Warn().Err(err).Int32("attempt", m.attempts.Load()).Dur("retry_in", wait).

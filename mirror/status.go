@@ -17,9 +17,11 @@ const (
 	// ModeFreeze: clients are held while the rest is copied and handed
 	// off.
 	ModeFreeze
+	// ModeRetry: an attempt failed; the next one starts after a backoff.
+	ModeRetry
 )
 
-var modeNames = [...]string{ModeCopy: "copy", ModeActive: "active", ModeFreeze: "freeze"}
+var modeNames = [...]string{ModeCopy: "copy", ModeActive: "active", ModeFreeze: "freeze", ModeRetry: "retry"}
 
 func (m Mode) String() string {
 	if int(m) < len(modeNames) {

@@ -278,9 +278,22 @@ func (c *Client) Do(ctx context.Context, req Request, payload, readBuf []byte) (
 	}
 	cl.wbufs = cl.bufs // WriteTo consumes what it is given
 	c.wmu.Lock()
+	// A server that stops reading leaves the send blocked: the context
+	// must reach it too, or a timeout would never fire. Background
+	// contexts cannot end, and cost nothing here.
+	var stop func() bool
+	if ctx.Done() != nil {
+		stop = context.AfterFunc(ctx, func() { _ = c.conn.SetWriteDeadline(time.Now()) })
+	}
 	_, err := cl.wbufs.WriteTo(c.conn)
+	if stop != nil {
+		stop()
+	}
 	c.wmu.Unlock()
 	if err != nil {
+		if ctx.Err() != nil {
+			err = fmt.Errorf("%w (%w)", ctx.Err(), err)
+		}
 		c.fail(fmt.Errorf("nbd: send request: %w", err))
 	}
 
@@ -355,6 +368,12 @@ func (c *Client) Close() error {
 	c.fail(ErrClientClosed)
 	return err
 }
+
+// Abort closes the connection at once, without NBD_CMD_DISC: requests in
+// flight fail, and the server sees the connection break instead of a clean
+// end. A migration source ends a failed attempt so, because a destination
+// takes a DISC after a successful FLUSH for "complete".
+func (c *Client) Abort() { c.fail(ErrClientClosed) }
 
 // Disconnect waits for pending requests, sends NBD_CMD_DISC and then waits
 // until the server closes the connection, which a server does once it has
