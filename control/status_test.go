@@ -57,7 +57,7 @@ func TestStatusValues(t *testing.T) {
 			Pass: 3, Mode: "active", Attempts: 2, BytesSent: 99,
 		},
 		LastFreeze: 12 * time.Millisecond,
-		Uptime: 61*time.Second + 999*time.Millisecond, BytesRead: 1, BytesWritten: 2, Requests: 3, Errors: 4,
+		Uptime:     61*time.Second + 999*time.Millisecond, BytesRead: 1, BytesWritten: 2, Requests: 3, Errors: 4,
 		ConnectionsSeen: 5, ConnectionsRejected: 6,
 	}
 	require.Equal(t,
