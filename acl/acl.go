@@ -148,10 +148,10 @@ func (l *List) Allows(addr netip.Addr) bool {
 }
 
 // AllowsAddr reports whether a peer with the given network address may
-// connect. Unix-socket peers are local and always allowed. TCP and UDP
-// peers are checked as by Allows. Any other address type, and a nil one,
-// is treated as an unknown address: admitted only by a list that admits
-// everyone.
+// connect; it is the check the server applies to every connection.
+// Unix-socket peers are local and always allowed. TCP and UDP peers are
+// checked as by Allows. Any other address type, and a nil one, is treated
+// as an unknown address: admitted only by a list that admits everyone.
 func (l *List) AllowsAddr(a net.Addr) bool {
 	switch a := a.(type) {
 	case *net.UnixAddr:

@@ -243,6 +243,10 @@ func TestAllowsAddr(t *testing.T) {
 	open, err := New(nil, false)
 	require.NoError(t, err)
 
+	var nilList *List
+	// The server checks every peer with AllowsAddr; each row is the rule
+	// for one kind of peer under each kind of list. A nil list, the
+	// server's default, admits everyone.
 	tests := []struct {
 		name                   string
 		addr                   net.Addr
@@ -270,6 +274,7 @@ func TestAllowsAddr(t *testing.T) {
 			require.Equal(t, tt.restricted, restricted.AllowsAddr(tt.addr), "restricted")
 			require.Equal(t, tt.deny, denyAll.AllowsAddr(tt.addr), "deny all")
 			require.Equal(t, tt.open, open.AllowsAddr(tt.addr), "open")
+			require.True(t, nilList.AllowsAddr(tt.addr), "nil")
 		})
 	}
 }

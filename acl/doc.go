@@ -33,6 +33,9 @@
 //   - A zone on the peer's address is ignored, so a link-local peer matches
 //     a link-local entry whichever interface it arrived on.
 //   - Unix-socket peers are local and always admitted.
+//   - A peer whose address the list cannot judge (another kind of
+//     net.Addr, a missing one or a malformed IP) matches no entry, so only
+//     a list that admits everyone admits it.
 //
 // A *List never changes after New and may be shared between goroutines;
 // to change the rules, build a new List and swap the pointer.

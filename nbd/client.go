@@ -157,9 +157,65 @@ func (c *Client) Write(ctx context.Context, p []byte, off uint64, flags CmdFlags
 	return c.transfer(ctx, CmdWrite, p, off, flags)
 }
 
-// maxPiecesInFlight bounds the pieces of one split Read or Write sent at a
+// ReadTo reads length bytes from offset off and writes them to w in order,
+// as Read would but without holding the whole range: it reads in pieces,
+// several at a time, and hands each piece to w as soon as the pieces
+// before it have been. After an error, from the server or from w, nothing
+// more is written to w; w's error is returned as it is.
+func (c *Client) ReadTo(ctx context.Context, w io.Writer, off, length uint64, flags CmdFlags) error {
+	if off+length < off {
+		return EINVAL
+	}
+	var free bufList
+	return c.pipeline(ctx, CmdRead, off, length, c.streamPiece(), flags,
+		func(lo, hi uint64) ([]byte, error) { return free.get(hi - lo), nil },
+		func(p []byte) error {
+			_, err := w.Write(p)
+			free.put(p)
+			return err
+		})
+}
+
+// WriteFrom writes length bytes read from r at offset off, as Write would
+// but without holding the whole range: it reads r one piece at a time,
+// sending each piece while it reads the next, and never reads past length
+// bytes. An error from r is returned as it is, except that r ending early
+// is io.ErrUnexpectedEOF; the pieces read before it are still written.
+func (c *Client) WriteFrom(ctx context.Context, r io.Reader, off, length uint64, flags CmdFlags) error {
+	if off+length < off {
+		return EINVAL
+	}
+	var free bufList
+	return c.pipeline(ctx, CmdWrite, off, length, c.streamPiece(), flags,
+		func(lo, hi uint64) ([]byte, error) {
+			p := free.get(hi - lo)
+			if _, err := io.ReadFull(r, p); err != nil {
+				if err == io.EOF {
+					err = io.ErrUnexpectedEOF
+				}
+				return nil, err
+			}
+			return p, nil
+		},
+		func(p []byte) error {
+			free.put(p)
+			return nil
+		})
+}
+
+// maxPiecesInFlight bounds the pieces of one split transfer sent at a
 // time, so one large transfer does not take every in-flight slot.
 const maxPiecesInFlight = 4
+
+// maxStreamPiece bounds the pieces of ReadTo and WriteFrom, which each
+// need a buffer of their own: a stream holds at most maxPiecesInFlight of
+// them, whatever its length.
+const maxStreamPiece = 4 << 20
+
+func (c *Client) streamPiece() uint64 {
+	_, _, max := c.sess.Export.blockSizes()
+	return min(uint64(max), maxStreamPiece)
+}
 
 func (c *Client) transfer(ctx context.Context, typ Cmd, p []byte, off uint64, flags CmdFlags) error {
 	if off+uint64(len(p)) < off {
@@ -169,30 +225,79 @@ func (c *Client) transfer(ctx context.Context, typ Cmd, p []byte, off uint64, fl
 	if len(p) <= int(max) {
 		return c.transferOne(ctx, typ, p, off, flags)
 	}
-	pieces := (len(p) + int(max) - 1) / int(max)
-	errs := make([]error, pieces)
-	sem := make(chan struct{}, maxPiecesInFlight)
-	var wg sync.WaitGroup
-	for i := range pieces {
-		lo := i * int(max)
-		hi := min(lo+int(max), len(p))
-		sem <- struct{}{}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs[i] = c.transferOne(ctx, typ, p[lo:hi], off+uint64(lo), flags)
-			<-sem
-		}()
+	return c.pipeline(ctx, typ, off, uint64(len(p)), uint64(max), flags,
+		func(lo, hi uint64) ([]byte, error) { return p[lo:hi], nil },
+		func([]byte) error { return nil })
+}
+
+// pipeline moves [off, off+length) in pieces of at most size bytes, with
+// up to maxPiecesInFlight of them in flight. next supplies the buffer of
+// the piece at off+lo before it is sent, and done takes it back once its
+// reply came; both run on the caller's goroutine, in the order of the
+// pieces. The first failure in that order, of a piece, next or done, stops
+// the transfer and is returned once the pieces in flight have ended: every
+// piece before it succeeded, and done is not called again.
+func (c *Client) pipeline(ctx context.Context, typ Cmd, off, length, size uint64, flags CmdFlags,
+	next func(lo, hi uint64) ([]byte, error), done func([]byte) error) error {
+	type piece struct {
+		buf   []byte
+		err   error
+		ended chan struct{}
 	}
-	wg.Wait()
-	// The first piece that failed speaks for the transfer.
-	for _, err := range errs {
-		if err != nil {
-			return err
+	var (
+		inFlight []*piece // oldest first
+		err      error
+	)
+	finishOldest := func() {
+		p := inFlight[0]
+		inFlight = inFlight[1:]
+		<-p.ended
+		if err == nil {
+			err = p.err
+		}
+		if err == nil {
+			err = done(p.buf)
 		}
 	}
-	return nil
+	for lo := uint64(0); lo < length; {
+		if len(inFlight) == maxPiecesInFlight {
+			if finishOldest(); err != nil {
+				break
+			}
+		}
+		hi := lo + min(size, length-lo)
+		buf, nerr := next(lo, hi)
+		if nerr != nil {
+			err = nerr
+			break
+		}
+		p := &piece{buf: buf, ended: make(chan struct{})}
+		go func(at uint64) {
+			defer close(p.ended)
+			p.err = c.transferOne(ctx, typ, p.buf, at, flags)
+		}(off + lo)
+		inFlight = append(inFlight, p)
+		lo = hi
+	}
+	for len(inFlight) > 0 {
+		finishOldest()
+	}
+	return err
 }
+
+// bufList recycles the buffers of a stream's pieces.
+type bufList [][]byte
+
+func (l *bufList) get(n uint64) []byte {
+	if k := len(*l); k > 0 && uint64(cap((*l)[k-1])) >= n {
+		p := (*l)[k-1][:n]
+		*l = (*l)[:k-1]
+		return p
+	}
+	return make([]byte, n)
+}
+
+func (l *bufList) put(p []byte) { *l = append(*l, p) }
 
 func (c *Client) transferOne(ctx context.Context, typ Cmd, p []byte, off uint64, flags CmdFlags) error {
 	req := Request{Type: typ, Flags: flags, Offset: off, Length: uint32(len(p))}

@@ -61,8 +61,13 @@ package nbd
 // server side of EXPORT_NAME can refuse an export only by closing the
 // connection, as the protocol leaves it no other way.
 //
-// BUG(nbd): The Client does not check that the chunks of a successful
-// structured READ cover the whole request without overlapping; bytes no
-// chunk described keep whatever the caller's buffer held.
+// BUG(nbd): The Client checks that each data or hole chunk of a
+// structured READ lies inside the request, and that the lengths of the
+// chunks of a successful reply add up to the request's length, but not
+// that the chunks are disjoint. Overlapping chunks that repeat more bytes
+// than the reply leaves out make the sum too large and fail the
+// connection; a reply that repeats exactly as many bytes as it leaves out
+// passes, and the bytes no chunk described keep whatever the caller's
+// buffer held.
 //
 // BUG(nbd): RESIZE and PEEK_EXPORT are not implemented.

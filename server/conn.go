@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/netip"
 	"os"
 	"runtime/debug"
 	"sync"
@@ -33,7 +32,7 @@ type conn struct {
 	// immutable after newConn
 	srv    *Server
 	nc     net.Conn
-	remote netip.Addr
+	remote net.Addr // nc's peer, which the access list is checked against
 	log    zerolog.Logger
 	budget *budget
 	sock   *sockIO       // nil when nc has no file descriptor
@@ -75,11 +74,11 @@ type conn struct {
 	active   map[*request]time.Time
 }
 
-func newConn(s *Server, nc net.Conn, remote netip.Addr) *conn {
+func newConn(s *Server, nc net.Conn) *conn {
 	c := &conn{
 		srv:    s,
 		nc:     nc,
-		remote: remote,
+		remote: nc.RemoteAddr(),
 		log:    s.log.With().Str("peer", nc.RemoteAddr().String()).Logger(),
 		budget: newBudget(s.cfg.MaxBufferBytes),
 		sock:   newSockIO(nc),

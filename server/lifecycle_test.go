@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -233,6 +234,113 @@ func TestSetACLDisconnectsClientsItRejects(t *testing.T) {
 	defer again.Close()
 	roundTrip(t, again, 0, 5)
 }
+
+// The server judges peers by package acl's rule: a Unix-socket peer is
+// local and admitted whatever the list says, at accept and when the list
+// changes, while a peer whose address the list cannot judge (here a
+// net.Pipe) is admitted only by a list that admits everyone.
+func TestACLRuleForNonTCPPeers(t *testing.T) {
+	denyAll, err := acl.New(nil, true)
+	require.NoError(t, err)
+	restricted, err := acl.New([]string{"127.0.0.1"}, false)
+	require.NoError(t, err)
+	be, err := server.OpenFile(newSparseFile(t, 1<<20), false)
+	require.NoError(t, err)
+	t.Cleanup(func() { be.Close() })
+
+	t.Run("unix socket peer", func(t *testing.T) {
+		sock := filepath.Join(t.TempDir(), "nbd.sock")
+		l, err := net.Listen("unix", sock)
+		require.NoError(t, err)
+		srv := serveListener(t, server.Config{Backend: be, ACL: denyAll}, l)
+		c, err := nbd.Dial(testCtx(t), "unix", sock, nil)
+		require.NoError(t, err, "a list that denies every address admits a local peer")
+		t.Cleanup(func() { c.Close() })
+		roundTrip(t, c, 0, 1)
+		srv.SetACL(restricted)
+		assert.Zero(t, srv.DrainingClients(), "a new list does not disconnect a local peer")
+		roundTrip(t, c, 4096, 2)
+	})
+
+	t.Run("peer of another kind", func(t *testing.T) {
+		pl := newPipeListener()
+		srv := serveListener(t, server.Config{Backend: be, ACL: restricted}, pl)
+		refused := pl.dial(t)
+		greeting, err := io.ReadAll(refused)
+		require.NoError(t, err)
+		require.Empty(t, greeting, "a non-empty list admits no address it cannot judge")
+		assert.EqualValues(t, 1, srv.Stats().Rejected)
+
+		srv.SetACL(nil)
+		c, err := nbd.NewClient(pl.dial(t), nil)
+		require.NoError(t, err, "a nil list admits everyone")
+		t.Cleanup(func() { c.Close() })
+		roundTrip(t, c, 0, 3)
+		srv.SetACL(restricted)
+		waitFor(t, "the client to be disconnected", func() bool { return c.Err() != nil })
+	})
+}
+
+// serveListener serves l until the test ends.
+func serveListener(t *testing.T, cfg server.Config, l net.Listener) *server.Server {
+	t.Helper()
+	srv := server.New(cfg)
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(l) }()
+	t.Cleanup(func() {
+		srv.Close()
+		assert.ErrorIs(t, <-served, server.ErrServerClosed)
+	})
+	return srv
+}
+
+// pipeListener accepts the server ends of net.Pipe connections, whose
+// addresses are neither TCP nor Unix ones.
+type pipeListener struct {
+	conns chan net.Conn
+	done  chan struct{}
+	once  sync.Once
+}
+
+func newPipeListener() *pipeListener {
+	return &pipeListener{conns: make(chan net.Conn), done: make(chan struct{})}
+}
+
+// dial returns the client end of a new connection once it was accepted,
+// with a deadline so that a server that never answers fails the test.
+func (l *pipeListener) dial(t *testing.T) net.Conn {
+	t.Helper()
+	client, srv := net.Pipe()
+	t.Cleanup(func() { client.Close() })
+	require.NoError(t, client.SetDeadline(time.Now().Add(10*time.Second)))
+	select {
+	case l.conns <- srv:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the server did not accept")
+	}
+	return client
+}
+
+func (l *pipeListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.conns:
+		return c, nil
+	case <-l.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *pipeListener) Close() error {
+	l.once.Do(func() { close(l.done) })
+	return nil
+}
+
+func (l *pipeListener) Addr() net.Addr { return pipeAddr{} }
+
+type pipeAddr struct{}
+
+func (pipeAddr) Network() string { return "pipe" }
+func (pipeAddr) String() string  { return "pipe" }
 
 // DropClients disconnects everyone, negotiating clients too, and returns
 // once they are gone; the server keeps accepting.

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"net"
-	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -169,7 +168,7 @@ func (s *Server) SetACL(l *acl.List) {
 	s.mu.Lock()
 	var kick []*conn
 	for c := range s.conns {
-		if !allowed(l, c.remote) {
+		if !l.AllowsAddr(c.remote) {
 			kick = append(kick, c)
 		}
 	}
@@ -188,13 +187,6 @@ func (s *Server) SetWriteHook(fn func(off, length uint64)) {
 		return
 	}
 	s.writeHook.Store(&fn)
-}
-
-func allowed(l *acl.List, addr netip.Addr) bool {
-	if l == nil || !addr.IsValid() {
-		return true // nil list, or a Unix socket peer
-	}
-	return l.Allows(addr)
 }
 
 // Serve accepts connections on l until Shutdown or Close, and returns
@@ -223,9 +215,8 @@ func (s *Server) Serve(l net.Listener) error {
 // accept applies the access list before anything is sent, then starts the
 // connection.
 func (s *Server) accept(nc net.Conn) {
-	remote := peerAddr(nc.RemoteAddr())
 	s.stats.ConnectionsSeen.Add(1)
-	if !allowed(s.acl.Load(), remote) {
+	if !s.acl.Load().AllowsAddr(nc.RemoteAddr()) {
 		s.stats.Rejected.Add(1)
 		s.log.Warn().Str("peer", nc.RemoteAddr().String()).Msg("rejected by access list")
 		nc.Close()
@@ -240,7 +231,7 @@ func (s *Server) accept(nc net.Conn) {
 			s.unpace(tc)
 		}
 	}
-	c := newConn(s, nc, remote)
+	c := newConn(s, nc)
 	s.mu.Lock()
 	if s.closing {
 		s.mu.Unlock()
@@ -399,15 +390,6 @@ func (s *Server) DropClients(ctx context.Context) error {
 		}
 	}
 	return nil
-}
-
-func peerAddr(a net.Addr) netip.Addr {
-	if ta, ok := a.(*net.TCPAddr); ok {
-		if ip, ok := netip.AddrFromSlice(ta.IP); ok {
-			return ip
-		}
-	}
-	return netip.Addr{}
 }
 
 // errShutdown is the reply to requests that arrive while draining.

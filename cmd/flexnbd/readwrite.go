@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"strconv"
@@ -54,18 +53,10 @@ func (f *remoteFlags) dial(ctx context.Context) (*nbd.Client, error) {
 	return c, nil
 }
 
-// chunk is the request size used by read and write; the spec's default
-// maximum, honoured by every server.
-const chunk = 4 << 20
-
-// pipelineDepth is how many requests read and write keep in flight.
-const pipelineDepth = 4
-
 // ReadCmd is `flexnbd read`.
 type ReadCmd struct{ remoteFlags }
 
-// Run copies the range to standard output in order, with several requests
-// in flight.
+// Run copies the range to standard output in order.
 func (c *ReadCmd) Run() error {
 	ctx := context.Background()
 	client, err := c.dial(ctx)
@@ -73,33 +64,25 @@ func (c *ReadCmd) Run() error {
 		return err
 	}
 	defer client.Close()
-	type piece struct {
-		buf  []byte
-		done chan error
+	out := &stdout{}
+	if err := client.ReadTo(ctx, out, c.From, c.Size, 0); err != nil {
+		if out.err != nil {
+			return fmt.Errorf("write to standard output: %w", out.err)
+		}
+		return fmt.Errorf("read: %w", err)
 	}
-	queue := make(chan *piece, pipelineDepth)
-	go func() {
-		defer close(queue)
-		for off := c.From; off < c.From+c.Size; off += chunk {
-			p := &piece{buf: make([]byte, min(chunk, c.From+c.Size-off)), done: make(chan error, 1)}
-			queue <- p
-			go func(off uint64) { p.done <- client.Read(ctx, p.buf, off, 0) }(off)
-		}
-	}()
-	out := io.Writer(os.Stdout)
-	var firstErr error
-	for p := range queue {
-		err := <-p.done
-		if firstErr == nil && err != nil {
-			firstErr = fmt.Errorf("read: %w", err)
-		}
-		if firstErr == nil {
-			if _, err := out.Write(p.buf); err != nil {
-				firstErr = fmt.Errorf("write to standard output: %w", err)
-			}
-		}
+	return nil
+}
+
+// stdout remembers its failure, which the client returns like any other.
+type stdout struct{ err error }
+
+func (w *stdout) Write(p []byte) (int, error) {
+	n, err := os.Stdout.Write(p)
+	if err != nil && w.err == nil {
+		w.err = err
 	}
-	return firstErr
+	return n, err
 }
 
 // WriteCmd is `flexnbd write`.
@@ -114,35 +97,14 @@ func (c *WriteCmd) Run() error {
 		return err
 	}
 	defer client.Close()
-	sem := make(chan struct{}, pipelineDepth)
-	errs := make(chan error, 1)
-	report := func(err error) {
-		select {
-		case errs <- err:
-		default:
+	in := &stdin{}
+	if err := client.WriteFrom(ctx, in, c.From, c.Size, 0); err != nil {
+		// The client asks for no more than Size bytes, so a failure of
+		// standard input with bytes still missing is what stopped it.
+		if in.err != nil && in.n < c.Size {
+			return fmt.Errorf("standard input ended %d bytes short of %d", c.Size-in.n, c.Size)
 		}
-	}
-	for off := c.From; off < c.From+c.Size; off += chunk {
-		buf := make([]byte, min(chunk, c.From+c.Size-off))
-		if n, err := io.ReadFull(os.Stdin, buf); err != nil {
-			report(fmt.Errorf("standard input ended %d bytes short of %d", c.From+c.Size-off-uint64(n), c.Size))
-			break
-		}
-		sem <- struct{}{}
-		go func(off uint64) {
-			defer func() { <-sem }()
-			if err := client.Write(ctx, buf, off, 0); err != nil {
-				report(fmt.Errorf("write at %d: %w", off, err))
-			}
-		}(off)
-	}
-	for i := 0; i < pipelineDepth; i++ {
-		sem <- struct{}{}
-	}
-	select {
-	case err := <-errs:
-		return err
-	default:
+		return fmt.Errorf("write: %w", err)
 	}
 	if client.Flags()&nbd.FlagSendFlush != 0 {
 		if err := client.Flush(ctx); err != nil {
@@ -150,4 +112,20 @@ func (c *WriteCmd) Run() error {
 		}
 	}
 	return nil
+}
+
+// stdin counts what it delivered and remembers how it ended, so that a
+// short input is told apart from a failed write.
+type stdin struct {
+	n   uint64
+	err error
+}
+
+func (r *stdin) Read(p []byte) (int, error) {
+	n, err := os.Stdin.Read(p)
+	r.n += uint64(n)
+	if err != nil && r.err == nil {
+		r.err = err
+	}
+	return n, err
 }

@@ -161,18 +161,23 @@ func Python(t testing.TB) string {
 // failing the test with that output if it does not succeed.
 func Run(t testing.TB, timeout time.Duration, name string, args ...string) string {
 	t.Helper()
-	out, err := RunErr(timeout, name, args...)
+	out, err := RunErr(t, timeout, name, args...)
 	if err != nil {
 		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
 	}
 	return out
 }
 
-// RunErr is Run without failing: for commands expected to fail.
-func RunErr(timeout time.Duration, name string, args ...string) (string, error) {
+// RunErr is Run without failing: for commands expected to fail. The
+// command runs in a temporary directory of its own: tools leave files in
+// their working directory (fio its verify state, for one), which would
+// otherwise land in the package directory, inside the repository.
+func RunErr(t testing.TB, timeout time.Duration, name string, args ...string) (string, error) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Dir = t.TempDir()
 	cmd.Env = append(os.Environ(), "LC_ALL=C")
 	out, err := cmd.CombinedOutput()
 	if ctx.Err() != nil {

@@ -49,7 +49,7 @@ func TestManyClients(t *testing.T) {
 			defer wg.Done()
 			off := qemuBase + i*qemuLen
 			pat := 0xc0 + i
-			out, err := testserver.RunErr(toolTimeout, qemu, "-f", "raw", "-t", "writeback",
+			out, err := testserver.RunErr(t, toolTimeout, qemu, "-f", "raw", "-t", "writeback",
 				"-c", fmt.Sprintf("aio_write -P %#x %d %d", pat, off, qemuLen/2),
 				"-c", fmt.Sprintf("aio_write -P %#x %d %d", pat, off+qemuLen/2, qemuLen/2),
 				"-c", "aio_flush",

@@ -100,7 +100,7 @@ func TestNbdshErrors(t *testing.T) {
 			for i, c := range tc.cases {
 				quoted[i] = fmt.Sprintf("%q", c)
 			}
-			out, err := testserver.RunErr(toolTimeout, testserver.Python(t), "-m", "nbd", "--base-allocation",
+			out, err := testserver.RunErr(t, toolTimeout, testserver.Python(t), "-m", "nbd", "--base-allocation",
 				"-u", inst.URI(), "-c", "cases = ["+strings.Join(quoted, ", ")+"]", "-c", badRequests)
 			require.NoError(t, err, "nbdsh reported failures:\n%s", out)
 			ok := 0

@@ -274,7 +274,7 @@ func TestQemuImg(t *testing.T) {
 
 		const at = 5<<20 + 123
 		qemuIO(t, inst.URI(), fmt.Sprintf("write -P %#x %d 1", src[at]^0xff, at))
-		out, err := testserver.RunErr(toolTimeout, testserver.Tool(t, "qemu-img"),
+		out, err := testserver.RunErr(t, toolTimeout, testserver.Tool(t, "qemu-img"),
 			"compare", "-f", "raw", "-F", "raw", local, inst.URI())
 		require.Error(t, err, "a one-byte change is found:\n%s", out)
 		// qemu-img names the sector where the difference starts.
