@@ -250,6 +250,37 @@ func TestZeroWritesKeepHolesSparse(t *testing.T) {
 	}
 }
 
+// A write of data with blocks of zeroes in it is how the C flexnbd's
+// mirror sends a sparse image: the whole file, holes included, 8 MiB at a
+// time. Where such a write lands in a hole only its data blocks may be
+// allocated; where it lands on data its zeroes must replace that data.
+func TestZeroBlocksInsideDataWritesKeepHolesSparse(t *testing.T) {
+	path := newSparseFile(t, exportSize)
+	inst := testserver.Start(t, testserver.Options{Path: path})
+	c := inst.Dial(t, nil)
+	ctx := testCtx(t)
+	const base = 8 << 20
+	require.NoError(t, c.Write(ctx, pattern(21, 64<<10), base+(1<<20), 0), "data the write will cover")
+	require.NoError(t, c.Flush(ctx))
+	before := allocatedBytes(t, path)
+
+	// 2 MiB: a block of data at the start, one off every boundary in
+	// the middle (two blocks), zeroes over the 64 KiB of data at 1 MiB,
+	// and a tail of data one byte long; zeroes everywhere else.
+	p := make([]byte, 2<<20)
+	copy(p, pattern(22, 4096))
+	copy(p[512<<10+100:], pattern(23, 5000))
+	p[len(p)-1] = 0xff
+	require.NoError(t, c.Write(ctx, p, base, 0))
+	require.NoError(t, c.Flush(ctx))
+	grown := allocatedBytes(t, path) - before
+	assert.LessOrEqual(t, grown, int64(4*4096), "only the 4 blocks holding data may be allocated, not %d bytes", grown)
+
+	got := make([]byte, len(p))
+	require.NoError(t, c.Read(ctx, got, base, 0))
+	require.True(t, bytes.Equal(p, got), "the write must read back whole, zeroes over data included")
+}
+
 // layoutFile makes a sparse file whose first 256 KiB are: data, hole,
 // data, hole (64 KiB, 128 KiB, 64 KiB, then hole to the end).
 func layoutFile(t *testing.T) (path string, contents []byte) {

@@ -68,9 +68,10 @@
 // The File backend keeps sparse files sparse. TRIM and WRITE_ZEROES punch
 // holes; WRITE_ZEROES with NO_HOLE keeps the range allocated (zeroed by
 // fallocate, not written), and with FAST_ZERO fails with ENOTSUP rather
-// than write zeroes by hand. A WRITE whose payload is all zeroes writes
-// only the parts of its range that hold data, so copying a sparse image
-// onto the export allocates nothing for its holes. On structured
+// than write zeroes by hand. A WRITE leaves out every 4 KiB block of
+// zeroes in its payload that lands in a hole, so copying a sparse image
+// onto the export allocates nothing for its holes, even from a copier that
+// sends them as data inside larger writes. On structured
 // connections a READ sends holes as hole chunks, reading and allocating
 // nothing for them, unless the client sets DF; BLOCK_STATUS reports
 // base:allocation from SEEK_DATA and SEEK_HOLE.

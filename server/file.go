@@ -133,13 +133,33 @@ func (f *File) ReadAt(p []byte, off uint64, nowait bool) error {
 	return nil
 }
 
-// WriteAt implements Backend. A buffer of zeroes aimed at a hole is not
-// written at all, so copying a sparse image keeps it sparse.
+// zeroBlock is the unit in which a write's zeroes are left out where
+// they land in a hole: the file system's block, which it allocates whole.
+const zeroBlock = 4096
+
+// WriteAt implements Backend. Zeroes aimed at a hole are not written, a
+// block at a time, so copying a sparse image keeps it sparse even when the
+// copier sends holes as data inside larger writes (the C flexnbd's mirror
+// sends the whole file as 8 MiB WRITEs).
 func (f *File) WriteAt(p []byte, off uint64, fua bool) error {
-	if f.holes.Load() && sparse.IsZero(p) {
-		return f.writeZeroesSparsely(p, off, fua)
+	if f.holes.Load() && hasZeroBlock(p, off) {
+		return f.writeSkippingHoles(p, off, fua)
 	}
 	return f.write(p, off, fua)
+}
+
+// hasZeroBlock reports whether p, to be written at off, holds a block of
+// zeroes, blocks being aligned as in the file (the first and last may be
+// partial). A block of data usually shows itself in its first bytes.
+func hasZeroBlock(p []byte, off uint64) bool {
+	for len(p) > 0 {
+		n := min(zeroBlock-int(off%zeroBlock), len(p))
+		if sparse.IsZero(p[:n]) {
+			return true
+		}
+		p, off = p[n:], off+uint64(n)
+	}
+	return false
 }
 
 func (f *File) write(p []byte, off uint64, fua bool) error {
@@ -171,18 +191,34 @@ func (f *File) write(p []byte, off uint64, fua bool) error {
 	return nil
 }
 
-// writeZeroesSparsely writes only the parts of [off, off+len(p)) that are
-// allocated; holes already read as zeroes.
-func (f *File) writeZeroesSparsely(p []byte, off uint64, fua bool) error {
+// writeSkippingHoles writes p at off except for the blocks of zeroes that
+// land in holes, which read as zeroes already. Overlapping writes are
+// serialised by the server, so no data can arrive in a hole between the
+// look and the write; a neighbour's write into the same file system block
+// allocates it zero-filled, which is what was skipped.
+func (f *File) writeSkippingHoles(p []byte, off uint64, fua bool) error {
+	pending := off // the start of what is still to be written
 	var werr error
 	err := f.Extents(off, uint64(len(p)), func(o, n uint64, hole bool) bool {
-		if !hole {
-			werr = f.write(p[o-off:o-off+n], o, false)
+		for end := o + n; hole && o < end; {
+			k := min(zeroBlock-o%zeroBlock, end-o)
+			if sparse.IsZero(p[o-off : o-off+k]) {
+				if o > pending {
+					if werr = f.write(p[pending-off:o-off], pending, false); werr != nil {
+						return false
+					}
+				}
+				pending = o + k
+			}
+			o += k
 		}
-		return werr == nil
+		return true
 	})
 	if err == nil {
 		err = werr
+	}
+	if end := off + uint64(len(p)); err == nil && pending < end {
+		err = f.write(p[pending-off:], pending, false)
 	}
 	if err == nil && fua {
 		err = f.Sync()
