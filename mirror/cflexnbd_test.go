@@ -12,6 +12,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/flexnbd/flexnbd/internal/testserver"
 	"github.com/flexnbd/flexnbd/mirror"
 	"github.com/flexnbd/flexnbd/nbd"
 	"github.com/flexnbd/flexnbd/sparse"
@@ -188,9 +189,9 @@ func TestGoSourceIntoCListenUnderWrites(t *testing.T) {
 	ctx := testCtx(t)
 	wctx, stop := context.WithCancel(ctx)
 	defer stop()
-	s := &stamper{blocks: 256}
+	s := &testserver.Stamper{Blocks: 256}
 	writers := make(chan struct{})
-	go func() { s.run(wctx, t, src.Addr, 4, 0); close(writers) }()
+	go func() { s.Run(wctx, t, src.Addr, 4, 0); close(writers) }()
 
 	cfg := config(t, exp, c.addr())
 	cfg.Finish = mirror.FinishExit
@@ -202,8 +203,8 @@ func TestGoSourceIntoCListenUnderWrites(t *testing.T) {
 	case <-time.After(testTimeout):
 		t.Fatal("writers not stopped by the hand-off")
 	}
-	require.Positive(t, s.writes)
-	s.verify(t, dstPath)
+	require.Positive(t, s.Writes())
+	s.Verify(t, dstPath)
 	requireOnlyCCommands(t, c.commands())
 	require.NoError(t, src.Server.Close())
 	requireSameFiles(t, path, dstPath)

@@ -181,9 +181,9 @@ func TestFreezeFailureResumesClients(t *testing.T) {
 
 	ctx := testCtx(t)
 	wctx, stop := context.WithCancel(ctx)
-	s := &stamper{blocks: 512}
+	s := &testserver.Stamper{Blocks: 512}
 	writers := make(chan struct{})
-	go func() { s.run(wctx, t, src.Addr, 4, 0); close(writers) }()
+	go func() { s.Run(wctx, t, src.Addr, 4, 0); close(writers) }()
 	time.Sleep(20 * time.Millisecond)
 
 	m, err := mirror.Start(ctx, config(t, exp, dst.Addr))
@@ -194,10 +194,10 @@ func TestFreezeFailureResumesClients(t *testing.T) {
 	<-writers
 	assert.True(t, failed.Load(), "the freeze's flush was failed")
 	assert.GreaterOrEqual(t, m.Status().Attempts, 2)
-	assert.Zero(t, s.errs, "no client request failed")
-	assert.Positive(t, s.writes)
+	assert.Zero(t, s.Errs(), "no client request failed")
+	assert.Positive(t, s.Writes())
 	// Every acknowledged write is on the source, the resumed ones too.
-	s.verify(t, path)
+	s.Verify(t, path)
 }
 
 // Break stops the migration at every stage within moments, leaves the
@@ -315,9 +315,9 @@ func TestConvergesWhenClientsOutpaceTheLink(t *testing.T) {
 	ctx := testCtx(t)
 	wctx, stop := context.WithCancel(ctx)
 	defer stop()
-	s := &stamper{blocks: 2048}
+	s := &testserver.Stamper{Blocks: 2048}
 	writers := make(chan struct{})
-	go func() { s.run(wctx, t, src.Addr, 4, 0); close(writers) }()
+	go func() { s.Run(wctx, t, src.Addr, 4, 0); close(writers) }()
 
 	cfg := config(t, exp, k.Addr())
 	cfg.Finish = mirror.FinishExit
@@ -334,7 +334,7 @@ func TestConvergesWhenClientsOutpaceTheLink(t *testing.T) {
 	waitComplete(t, d)
 	<-writers
 	assert.True(t, sawActive, "the mirror never switched to active mode")
-	s.verify(t, dst.Path)
+	s.Verify(t, dst.Path)
 	require.NoError(t, src.Server.Close())
 	requireSameFiles(t, path, dst.Path)
 }

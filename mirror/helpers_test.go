@@ -7,7 +7,6 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
-	"sync"
 	"testing"
 	"time"
 
@@ -17,7 +16,6 @@ import (
 
 	"github.com/flexnbd/flexnbd/internal/testserver"
 	"github.com/flexnbd/flexnbd/mirror"
-	"github.com/flexnbd/flexnbd/nbd"
 	"github.com/flexnbd/flexnbd/server"
 )
 
@@ -135,104 +133,6 @@ func allocated(t testing.TB, path string) int64 {
 	var st unix.Stat_t
 	require.NoError(t, unix.Stat(path, &st))
 	return st.Blocks * 512
-}
-
-// stamper writes sequence-stamped 4 KiB blocks from several connections,
-// each to its own blocks and one write at a time, and remembers the last
-// acknowledged version of every block: after a migration every one of
-// them must be on the destination, and no version that was not
-// acknowledged may be.
-type stamper struct {
-	blocks  int // per connection
-	mu      sync.Mutex
-	acked   map[int]uint64 // block -> sequence acknowledged last
-	pending map[int]uint64 // block -> sequence sent, not answered
-	// maybe holds the write each writer had in flight when it was told
-	// to stop: it may or may not have run.
-	maybe  map[int]uint64
-	writes int
-	errs   int // writes that failed while the writers were to go on
-}
-
-func stamp(block int, seq uint64) []byte {
-	p := make([]byte, 4096)
-	for i := 0; i < len(p); i += 16 {
-		binary.LittleEndian.PutUint64(p[i:], uint64(block))
-		binary.LittleEndian.PutUint64(p[i+8:], seq)
-	}
-	return p
-}
-
-// run writes from conns connections to addr until ctx ends or the server
-// drops them; base is the first block. It returns once every writer
-// stopped.
-func (s *stamper) run(ctx context.Context, t testing.TB, addr string, conns, base int) {
-	s.mu.Lock()
-	if s.acked == nil {
-		s.acked, s.pending, s.maybe = map[int]uint64{}, map[int]uint64{}, map[int]uint64{}
-	}
-	s.mu.Unlock()
-	var wg sync.WaitGroup
-	for w := range conns {
-		wg.Go(func() {
-			c, err := nbd.Dial(ctx, "tcp", addr, nil)
-			if err != nil {
-				t.Errorf("writer %d: %v", w, err)
-				return
-			}
-			defer c.Close()
-			r := rand.New(rand.NewPCG(uint64(w), 7))
-			for seq := uint64(1); ctx.Err() == nil; seq++ {
-				block := base + w*s.blocks + r.IntN(s.blocks)
-				s.mu.Lock()
-				s.pending[block] = seq
-				s.mu.Unlock()
-				err := c.Write(ctx, stamp(block, seq), uint64(block)*4096, 0)
-				s.mu.Lock()
-				if err != nil {
-					if ctx.Err() != nil {
-						s.maybe[block] = seq
-						delete(s.pending, block)
-					} else {
-						s.errs++
-					}
-					s.mu.Unlock()
-					return
-				}
-				delete(s.pending, block)
-				s.acked[block] = seq
-				s.writes++
-				s.mu.Unlock()
-			}
-		})
-	}
-	wg.Wait()
-}
-
-// verify checks every block a writer touched in the file at path.
-func (s *stamper) verify(t testing.TB, path string) {
-	t.Helper()
-	f, err := os.Open(path)
-	require.NoError(t, err)
-	defer f.Close()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	buf := make([]byte, 4096)
-	for block, seq := range s.acked {
-		_, err := f.ReadAt(buf, int64(block)*4096)
-		require.NoError(t, err)
-		got := binary.LittleEndian.Uint64(buf[8:])
-		if p, ok := s.maybe[block]; ok && got == p && bytes.Equal(buf, stamp(block, got)) {
-			continue
-		}
-		if got != seq || !bytes.Equal(buf, stamp(block, got)) {
-			if p, ok := s.pending[block]; ok && got == p {
-				t.Errorf("block %d holds version %d, which was never acknowledged (acknowledged: %d)", block, got, seq)
-				continue
-			}
-			t.Errorf("block %d holds version %d, want the acknowledged %d", block, got, seq)
-		}
-	}
 }
 
 // eventually polls cond until it holds, failing the test after testTimeout:

@@ -11,6 +11,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/flexnbd/flexnbd/internal/testserver"
 	"github.com/flexnbd/flexnbd/mirror"
 	"github.com/flexnbd/flexnbd/nbd"
 )
@@ -56,9 +57,9 @@ func TestMigrateUnderWritesLosesNothing(t *testing.T) {
 	ctx := testCtx(t)
 	wctx, stop := context.WithCancel(ctx)
 	defer stop()
-	s := &stamper{blocks: 1024}
+	s := &testserver.Stamper{Blocks: 1024}
 	writers := make(chan struct{})
-	go func() { s.run(wctx, t, src.Addr, 4, 0); close(writers) }()
+	go func() { s.Run(wctx, t, src.Addr, 4, 0); close(writers) }()
 	// Let the writers get going before the copy starts.
 	time.Sleep(50 * time.Millisecond)
 
@@ -73,8 +74,8 @@ func TestMigrateUnderWritesLosesNothing(t *testing.T) {
 	case <-time.After(testTimeout):
 		t.Fatal("writers not stopped by the hand-off")
 	}
-	require.Positive(t, s.writes)
-	s.verify(t, dst.Path)
+	require.Positive(t, s.Writes())
+	s.Verify(t, dst.Path)
 	// Everything else matches the source as it was.
 	require.NoError(t, src.Server.Close())
 	requireSameFiles(t, path, dst.Path)
