@@ -215,3 +215,19 @@ func TestOldstyleBadMagicGetsEBADMSG(t *testing.T) {
 	require.NoError(t, err, "the server closes the connection")
 	assert.Zero(t, rest.Len())
 }
+
+// Time spent held does not count against the kill switch: a freeze that
+// outlasts it drops nobody.
+func TestHeldTimeDoesNotCountForTheKillSwitch(t *testing.T) {
+	inst := testserver.Start(t, testserver.Options{Config: server.Config{KillSwitch: 100 * time.Millisecond}})
+	c := inst.Dial(t, nil)
+	ctx := testCtx(t)
+	require.NoError(t, inst.Server.Hold(ctx))
+	heldErr := make(chan error, 1)
+	go func() { heldErr <- c.Write(ctx, pattern(1, 4096), 0, 0) }()
+	waitFor(t, "the write to be held", func() bool { return inst.Server.HeldRequests() == 1 })
+	time.Sleep(500 * time.Millisecond) // five kill switch periods
+	inst.Server.Resume()
+	require.NoError(t, <-heldErr)
+	roundTrip(t, c, 8192, 2)
+}
