@@ -101,3 +101,27 @@ func (d *Destination) Ended(e server.SessionEnd) {
 	}
 	close(d.done)
 }
+
+// Source is the session policy of a server that is not a migration
+// destination (`flexnbd serve`): it serves everyone, except a migration
+// source, which is refused in the handshake rather than allowed to copy
+// an export over a live one (a mirror pointed at the wrong port, or at
+// its own server). Oldstyle clients name no export and cannot be told
+// apart.
+type Source struct{}
+
+var _ server.SessionPolicy = Source{}
+
+// Allow implements server.SessionPolicy.
+func (Source) Allow(name string) error {
+	if name == SourceExportName {
+		return errors.New("not a migration destination: start the destination with flexnbd listen")
+	}
+	return nil
+}
+
+// Exclusive implements server.SessionPolicy.
+func (Source) Exclusive() bool { return false }
+
+// Ended implements server.SessionPolicy.
+func (Source) Ended(server.SessionEnd) {}

@@ -15,6 +15,7 @@ import (
 	"github.com/flexnbd/flexnbd/internal/testserver"
 	"github.com/flexnbd/flexnbd/mirror"
 	"github.com/flexnbd/flexnbd/nbd"
+	"github.com/flexnbd/flexnbd/server"
 )
 
 // A quiet export arrives whole: data as data, holes as holes, with a
@@ -206,4 +207,17 @@ func TestMigrateLargeSparseExport(t *testing.T) {
 		require.NoError(t, err)
 		require.Equal(t, want, got, "data at %d", off)
 	}
+}
+
+// A server that is not a destination (serve) refuses a migration source
+// in the handshake, and serves everyone else.
+func TestSourcePolicyRefusesMigrationSources(t *testing.T) {
+	path := makeFile(t, 1<<20, nil)
+	_, exp := source(t, path)
+	live := testserver.Start(t, testserver.Options{Size: 1 << 20, Config: server.Config{Sessions: mirror.Source{}}})
+	_, err := mirror.Start(testCtx(t), config(t, exp, live.Addr))
+	require.ErrorIs(t, err, mirror.ErrRejected)
+	assert.Contains(t, err.Error(), "not a migration destination")
+	c := live.Dial(t, nil)
+	require.NoError(t, c.Write(testCtx(t), random(30, 4096), 0, 0))
 }

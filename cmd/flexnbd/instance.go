@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"net/netip"
 	"os"
 	"sync"
 
@@ -24,6 +26,9 @@ type instance struct {
 	path string              // the file, which --unlink removes
 	dest *mirror.Destination // nil for serve
 	log  zerolog.Logger
+	// self is the NBD listener's address, so that a mirror aimed at this
+	// very server is refused; set before the control socket starts.
+	self net.Addr
 
 	// aclMu orders access list changes, so the list in force is the one
 	// whose "updated" was sent last.
@@ -121,6 +126,9 @@ func (h *instance) Mirror(ctx context.Context, req control.MirrorRequest) error 
 	if !h.hasControl() {
 		return errNoControl
 	}
+	if h.isSelf(req.Target) {
+		return errSelf
+	}
 	h.mu.Lock()
 	switch {
 	case h.closing:
@@ -172,6 +180,33 @@ func (h *instance) Mirror(ctx context.Context, req control.MirrorRequest) error 
 	}
 	go h.watch(m, cfg.Finish)
 	return nil
+}
+
+// errSelf refuses a migration onto the export's own server.
+var errSelf = errors.New("the destination is this server")
+
+// isSelf reports whether target is this server's own NBD listener.
+func (h *instance) isSelf(target netip.AddrPort) bool {
+	la, ok := h.self.(*net.TCPAddr)
+	if !ok || int(target.Port()) != la.Port {
+		return false
+	}
+	ip := target.Addr().Unmap()
+	if lip, ok := netip.AddrFromSlice(la.IP); ok && !lip.Unmap().IsUnspecified() {
+		return lip.Unmap() == ip
+	}
+	if ip.IsLoopback() || ip.IsUnspecified() {
+		return true
+	}
+	addrs, _ := net.InterfaceAddrs()
+	for _, a := range addrs {
+		if n, ok := a.(*net.IPNet); ok {
+			if lip, ok := netip.AddrFromSlice(n.IP); ok && lip.Unmap() == ip {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // startError words a failed start as the C flexnbd does.

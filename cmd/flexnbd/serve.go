@@ -15,6 +15,7 @@ import (
 
 	"github.com/flexnbd/flexnbd/acl"
 	"github.com/flexnbd/flexnbd/control"
+	"github.com/flexnbd/flexnbd/mirror"
 	"github.com/flexnbd/flexnbd/server"
 )
 
@@ -69,7 +70,8 @@ func (c *ServeCmd) Run() error {
 			}
 			return 0
 		}(),
-		Logger: log,
+		Sessions: mirror.Source{},
+		Logger:   log,
 	})
 	log.Info().Str("listen", l.Addr().String()).Str("file", c.File).Uint64("size", srv.Size()).
 		Bool("oldstyle", c.Oldstyle).Bool("read_only", c.ReadOnly).Msg("serving")
@@ -86,6 +88,7 @@ var errStoppedMidMigration = errors.New("stopped during a migration")
 // completes its migration exits then, or with thenServe goes on serving.
 func runInstance(inst *instance, l net.Listener, sock string, thenServe bool) error {
 	log, srv := inst.log, inst.srv
+	inst.self = l.Addr()
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGQUIT)
 	defer signal.Stop(sigs)

@@ -209,6 +209,10 @@ func TestMirrorStartFailures(t *testing.T) {
 	assert.Equal(t, "Mirror failed to connect\n", errOut)
 	assert.Equal(t, "false", src.status(t)["is_mirroring"])
 
+	_, errOut, code = src.ctl(t, "mirror", "--addr", "127.0.0.1", "--port", testproc.Itoa(src.port))
+	assert.Equal(t, 1, code)
+	assert.Equal(t, "the destination is this server\n", errOut)
+
 	small := listen(t, "", "127.0.0.1", image(t, size/2, 0, 0))
 	_, errOut, code = src.ctl(t, "mirror", "--addr", small.addr, "--port", testproc.Itoa(small.port))
 	assert.Equal(t, 1, code)
