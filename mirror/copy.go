@@ -82,6 +82,12 @@ func (a *attempt) write(ctx context.Context, p []byte, off uint64, limited bool)
 		return fmt.Errorf("mirror: write %d bytes at %d: %w", len(p), off, err)
 	}
 	a.m.sent.Add(uint64(len(p)))
+	if a.unflushed.Add(uint64(len(p))) >= flushEvery {
+		select {
+		case a.flushKick <- struct{}{}:
+		default:
+		}
+	}
 	return nil
 }
 
