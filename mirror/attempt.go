@@ -139,7 +139,7 @@ func (a *attempt) pass(parent context.Context, first, limited bool) error {
 				if !ok {
 					return
 				}
-				err := a.copyExtent(ctx, e, first, limited)
+				err := a.copyExtent(ctx, e.extent, &e.done, first, limited)
 				m.dirty.landed(e, err == nil)
 				if err != nil {
 					cancel(err)
@@ -216,6 +216,8 @@ func (a *attempt) freeze(ctx context.Context) error {
 	if left := m.dirty.dirtyBytes(); left > a.freezeThreshold() && m.Mode() != ModeActive {
 		return fmt.Errorf("%w: %d bytes became dirty meanwhile", errFreezePutOff, left)
 	}
+	// The freeze starts now: from here new client requests wait.
+	start := time.Now()
 	hctx, cancel := context.WithTimeout(ctx, m.cfg.HoldTimeout)
 	err := m.cfg.Export.Hold(hctx)
 	cancel()
@@ -225,7 +227,6 @@ func (a *attempt) freeze(ctx context.Context) error {
 		}
 		return fmt.Errorf("%w: %w", errFreezePutOff, err)
 	}
-	start := time.Now()
 	prevMode := m.Mode()
 	m.setMode(ModeFreeze)
 	handedOff := false

@@ -111,8 +111,10 @@ func (c *Config) setDefaults() error {
 		c.RequestTimeout = 60 * time.Second
 		if v := os.Getenv(RequestLimitEnv); v != "" {
 			secs, err := strconv.ParseFloat(v, 64)
-			if err != nil || secs <= 0 {
-				return errors.New("mirror: " + RequestLimitEnv + " must be a positive number of seconds")
+			// A week is far beyond any sane limit, and keeps the
+			// conversion to a Duration from overflowing.
+			if err != nil || !(secs > 0 && secs <= 7*24*3600) {
+				return errors.New("mirror: " + RequestLimitEnv + " must be a number of seconds between 0 and a week")
 			}
 			c.RequestTimeout = time.Duration(secs * float64(time.Second))
 		}

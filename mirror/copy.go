@@ -3,6 +3,7 @@ package mirror
 import (
 	"context"
 	"fmt"
+	"sync/atomic"
 
 	"github.com/flexnbd/flexnbd/nbd"
 )
@@ -21,8 +22,8 @@ type run struct {
 // holes as WRITE_ZEROES (or nothing where the destination already reads
 // zeroes, which only the first pass asks about), or as zero data to a
 // destination without WRITE_ZEROES. limited paces the sends by the speed
-// limit.
-func (a *attempt) copyExtent(ctx context.Context, e extent, firstPass, limited bool) error {
+// limit. Bytes settled are added to progress, when given, as they land.
+func (a *attempt) copyExtent(ctx context.Context, e extent, progress *atomic.Uint64, firstPass, limited bool) error {
 	var runs []run
 	err := a.m.cfg.Export.Extents(e.off, e.len, func(off, n uint64, hole bool) bool {
 		if k := len(runs); k > 0 && runs[k-1].hole == hole {
@@ -38,19 +39,29 @@ func (a *attempt) copyExtent(ctx context.Context, e extent, firstPass, limited b
 	for _, r := range runs {
 		if r.hole {
 			err = a.copyHole(ctx, r.off, r.len, firstPass, limited)
+			if err == nil {
+				a.settle(progress, r.len)
+			}
 		} else {
-			err = a.copyData(ctx, r.off, r.len, limited)
+			err = a.copyData(ctx, r.off, r.len, progress, limited)
 		}
 		if err != nil {
 			return err
 		}
-		a.m.settled.Add(r.len)
 	}
 	return nil
 }
 
+// settle counts n bytes of a pass as done, for the status.
+func (a *attempt) settle(progress *atomic.Uint64, n uint64) {
+	if progress != nil {
+		progress.Add(n)
+		a.m.settled.Add(n)
+	}
+}
+
 // copyData sends [off, off+n) in WRITEs of at most one chunk.
-func (a *attempt) copyData(ctx context.Context, off, n uint64, limited bool) error {
+func (a *attempt) copyData(ctx context.Context, off, n uint64, progress *atomic.Uint64, limited bool) error {
 	chunk := a.m.cfg.ChunkSize
 	bp := a.m.getBuf()
 	defer a.m.bufs.Put(bp)
@@ -63,6 +74,7 @@ func (a *attempt) copyData(ctx context.Context, off, n uint64, limited bool) err
 		if err := a.write(ctx, buf, off, limited); err != nil {
 			return err
 		}
+		a.settle(progress, k)
 		off += k
 		n -= k
 	}

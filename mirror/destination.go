@@ -12,9 +12,12 @@ import (
 
 // Destination is the session policy of a migration destination (`flexnbd
 // listen`). Until the hand-off it serves the migration source and nobody
-// else, one connection at a time: a newer source connection (a retry)
-// replaces an older one only once the older one has finished what it had
-// received. The migration is complete when the source ends a session
+// else, one connection at a time. A newstyle source names itself, so a
+// newer source connection (a retry after a silent network failure)
+// replaces an older one, once the older one has finished what it had
+// received. An oldstyle source cannot be told from anyone else: as in
+// the C flexnbd, the first connection is the source and later ones are
+// refused while it lasts. The migration is complete when the source ends a session
 // with a successful FLUSH followed by DISC, or, from an oldstyle source
 // (the C flexnbd, which sends no FLUSH), with DISC after its writes. A
 // source that goes away otherwise leaves the destination waiting for its
@@ -30,6 +33,7 @@ type Destination struct {
 
 	mu       sync.Mutex
 	complete bool
+	active   bool // an oldstyle source is connected
 	done     chan struct{}
 }
 
@@ -68,7 +72,15 @@ func (d *Destination) Allow(name string) error {
 		return nil
 	case complete:
 		return errors.New("migration destination: migration complete, not serving")
-	case d.Oldstyle || name == SourceExportName:
+	case d.Oldstyle:
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		if d.active {
+			return errors.New("migration destination: a source is connected already")
+		}
+		d.active = true
+		return nil
+	case name == SourceExportName:
 		return nil
 	}
 	return errNotSource
@@ -82,6 +94,9 @@ func (d *Destination) Exclusive() bool { return !d.HasControl() }
 func (d *Destination) Ended(e server.SessionEnd) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if e.Oldstyle {
+		d.active = false
+	}
 	if d.complete {
 		return
 	}

@@ -2,6 +2,7 @@ package mirror
 
 import (
 	"sync"
+	"sync/atomic"
 
 	"github.com/bits-and-blooms/bitset"
 )
@@ -18,14 +19,20 @@ type dirtyMap struct {
 
 	mu     sync.Mutex // guards the fields below
 	bits   *bitset.BitSet
-	count  uint     // bits set
-	cursor uint     // where the current pass takes its next run
-	flight []extent // ranges being copied, in no order
+	count  uint      // bits set
+	cursor uint      // where the current pass takes its next run
+	flight []*flight // ranges being copied, in no order
 }
 
 type extent struct{ off, len uint64 }
 
 func (e extent) end() uint64 { return e.off + e.len }
+
+// flight is a range being copied and how much of it has been settled.
+type flight struct {
+	extent
+	done atomic.Uint64
+}
 
 func newDirtyMap(size uint64, gran uint64) *dirtyMap {
 	shift := uint(0)
@@ -75,6 +82,18 @@ func (d *dirtyMap) dirtyBytes() uint64 {
 	return min(uint64(d.count)<<d.shift, d.size)
 }
 
+// leftBytes is what remains to be copied for the status: the dirty
+// blocks and what copies in flight have not settled yet.
+func (d *dirtyMap) leftBytes() uint64 {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	left := min(uint64(d.count)<<d.shift, d.size)
+	for _, f := range d.flight {
+		left += f.len - min(f.done.Load(), f.len)
+	}
+	return left
+}
+
 // rewind starts a new pass from the beginning of the export.
 func (d *dirtyMap) rewind() {
 	d.mu.Lock()
@@ -85,13 +104,13 @@ func (d *dirtyMap) rewind() {
 // take finds the next dirty run at or after the pass's cursor, at most max
 // bytes long, clears it and puts it in flight. It reports false when the
 // pass has reached the end of the export.
-func (d *dirtyMap) take(max uint64) (extent, bool) {
+func (d *dirtyMap) take(max uint64) (*flight, bool) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	lo, ok := d.bits.NextSet(d.cursor)
 	if !ok {
 		d.cursor = d.bits.Len()
-		return extent{}, false
+		return nil, false
 	}
 	hi, ok := d.bits.NextClear(lo)
 	if !ok {
@@ -101,15 +120,15 @@ func (d *dirtyMap) take(max uint64) (extent, bool) {
 	d.bits.FlipRange(lo, hi) // every bit in [lo, hi) is set
 	d.count -= hi - lo
 	d.cursor = hi
-	e := extent{off: uint64(lo) << d.shift, len: uint64(hi-lo) << d.shift}
-	e.len = min(e.len, d.size-e.off)
-	d.flight = append(d.flight, e)
-	return e, true
+	f := &flight{extent: extent{off: uint64(lo) << d.shift, len: uint64(hi-lo) << d.shift}}
+	f.len = min(f.len, d.size-f.off)
+	d.flight = append(d.flight, f)
+	return f, true
 }
 
 // landed takes e out of flight once its copy reached the destination, or
 // failed; a failed copy is marked dirty again.
-func (d *dirtyMap) landed(e extent, ok bool) {
+func (d *dirtyMap) landed(e *flight, ok bool) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for i, f := range d.flight {

@@ -154,7 +154,7 @@ func (m *Mirror) onWrite(off, length uint64) {
 	if !m.dirty.markUnlessForwarded(off, length) {
 		return
 	}
-	if err := a.copyExtent(a.ctx, extent{off, length}, false, false); err != nil {
+	if err := a.copyExtent(a.ctx, extent{off, length}, nil, false, false); err != nil {
 		m.dirty.mark(off, length)
 		a.fail(err)
 	}

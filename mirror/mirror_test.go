@@ -221,3 +221,28 @@ func TestSourcePolicyRefusesMigrationSources(t *testing.T) {
 	c := live.Dial(t, nil)
 	require.NoError(t, c.Write(testCtx(t), random(30, 4096), 0, 0))
 }
+
+// An oldstyle destination cannot tell its source from anyone else, so as
+// in the C flexnbd the first connection is the source and later ones are
+// refused while it lasts.
+func TestOldstyleDestinationTakesOneConnectionAtATime(t *testing.T) {
+	d := &mirror.Destination{Oldstyle: true}
+	dst := destination(t, 1<<20, d)
+	ctx := testCtx(t)
+	first, err := nbd.Dial(ctx, "tcp", dst.Addr, nil)
+	require.NoError(t, err)
+	require.True(t, first.Session().Oldstyle)
+	_, err = nbd.Dial(ctx, "tcp", dst.Addr, nil)
+	require.Error(t, err, "a second connection while the first lasts")
+
+	first.Abort()
+	eventually(t, "a new source to be admitted", func() bool {
+		c, err := nbd.Dial(ctx, "tcp", dst.Addr, nil)
+		if err != nil {
+			return false
+		}
+		c.Abort()
+		return true
+	})
+	assert.False(t, d.HasControl())
+}

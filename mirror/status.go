@@ -56,7 +56,7 @@ type Status struct {
 
 // Status reports the migration's progress. It never blocks on the copy.
 func (m *Mirror) Status() Status {
-	left := m.dirty.dirtyBytes()
+	left := m.dirty.leftBytes()
 	speed, settleRate := m.meter.rates()
 	st := Status{
 		Target:     m.cfg.Target,

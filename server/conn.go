@@ -45,8 +45,10 @@ type conn struct {
 	size       uint64
 	maxPayload uint32
 
-	// exportName is what the client asked for in the handshake.
+	// exportName is what the client asked for in the handshake, and
+	// admitted whether the session policy let it in.
 	exportName string
+	admitted   bool
 
 	// owned by whichever goroutine is reading (readers hand over in
 	// order, and serve reads them after every reader has finished)
@@ -116,6 +118,9 @@ func (c *conn) serve() {
 		} else {
 			c.log.Warn().Err(err).Msg("handshake failed")
 		}
+		if c.admitted {
+			c.sessionEnded(false) // the policy let it in: it hears it left
+		}
 		return
 	}
 	if c.srv.cfg.KillSwitch > 0 {
@@ -159,7 +164,7 @@ func (c *conn) handshake() error {
 	c.size = sess.Export.Size
 	c.maxPayload = sess.Export.MaxBlock
 	c.log.Info().Bool("oldstyle", sess.Oldstyle).Bool("structured", sess.Structured).
-		Bool("block_status", sess.AllocationContext != 0).Str("export", sess.Export.Name).
+		Bool("block_status", sess.AllocationContext != 0).Str("export", c.exportName).
 		Msg("handshake complete")
 	return nil
 }
@@ -173,6 +178,7 @@ func (c *conn) lookup(name string) (nbd.ExportInfo, error) {
 		}
 	}
 	c.exportName = name
+	c.admitted = true
 	return c.srv.exportInfo(), nil
 }
 

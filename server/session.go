@@ -23,8 +23,9 @@ type SessionPolicy interface {
 	// first request is read, so a client that reconnects after a network
 	// failure can never be overtaken by a request of its old connection.
 	Exclusive() bool
-	// Ended reports a session that got past its handshake, once every
-	// request it sent has been executed.
+	// Ended reports the end of every connection that Allow admitted,
+	// once every request it sent has been executed: sessions, and
+	// handshakes that failed after all.
 	Ended(SessionEnd)
 }
 
@@ -83,7 +84,7 @@ func (c *conn) sessionEnded(disconnected bool) {
 	p.Ended(SessionEnd{
 		Remote:       c.nc.RemoteAddr(),
 		ExportName:   c.exportName,
-		Oldstyle:     c.sess.Oldstyle,
+		Oldstyle:     s.cfg.Oldstyle,
 		Requests:     c.received,
 		Disconnected: disconnected,
 		FlushedLast:  c.lastCmd == nbd.CmdFlush && c.flushedSeq.Load() == c.received,

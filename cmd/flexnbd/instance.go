@@ -58,7 +58,8 @@ func (h *instance) Status() control.StatusInfo {
 	info := control.StatusInfo{
 		PID:                 os.Getpid(),
 		Size:                h.srv.Size(),
-		ClientsAllowed:      true,
+		// A destination admits only its source until it has control.
+		ClientsAllowed:      h.hasControl(),
 		NumClients:          st.Clients,
 		HasControl:          h.hasControl(),
 		Uptime:              st.Uptime,
