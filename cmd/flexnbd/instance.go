@@ -56,8 +56,8 @@ func (h *instance) hasControl() bool { return h.dest == nil || h.dest.HasControl
 func (h *instance) Status() control.StatusInfo {
 	st := h.srv.Stats()
 	info := control.StatusInfo{
-		PID:                 os.Getpid(),
-		Size:                h.srv.Size(),
+		PID:  os.Getpid(),
+		Size: h.srv.Size(),
 		// A destination admits only its source until it has control.
 		ClientsAllowed:      h.hasControl(),
 		NumClients:          st.Clients,
