@@ -94,6 +94,9 @@ TMP=
 
 cleanup() {
     local p alive t=0
+    # A subshell that exits may run this trap too (bash lets it when the
+    # subshell sets a trap of its own): only the script itself cleans up.
+    [ "$BASHPID" = "$$" ] || return 0
     trap - EXIT INT TERM
     for p in "${CHILDREN[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
     while :; do
@@ -127,22 +130,31 @@ spawn() {
 
 # reap PID TIMEOUT: wait for a spawned process to exit, killing it after
 # TIMEOUT seconds; its exit status is in RC (137 when it was killed).
+# The watchdog is a process group of its own, ended with SIGKILL: a bash
+# subshell would run inherited traps if signalled right after its fork.
 RC=0
 reap() {
     local pid=$1 t=$2 dog p
-    (
-        s=
-        trap 'kill $s 2>/dev/null; exit 0' TERM
-        sleep "$t" &
-        s=$!
-        wait "$s" && kill -KILL "$pid" 2>/dev/null
-    ) &
+    setsid bash -c 'sleep "$1" && kill -KILL "$2"' watchdog "$t" "$pid" </dev/null >/dev/null 2>&1 &
     dog=$!
     RC=0
     wait "$pid" || RC=$?
-    kill -TERM "$dog" 2>/dev/null || true
+    kill -KILL -- -"$dog" 2>/dev/null || kill -KILL "$dog" 2>/dev/null || true
     wait "$dog" 2>/dev/null || true
     local keep=()
+    for p in "${CHILDREN[@]}"; do [ "$p" = "$pid" ] || keep+=("$p"); done
+    CHILDREN=("${keep[@]}")
+}
+
+# run CMD...: run CMD to its end as a tracked child, its status in RC. The
+# script waits with the wait builtin, which a signal interrupts, so that
+# Ctrl-C stops a long migration at once.
+run() {
+    "$@" &
+    local pid=$! p keep=()
+    CHILDREN+=("$pid")
+    RC=0
+    wait "$pid" || RC=$?
     for p in "${CHILDREN[@]}"; do [ "$p" = "$pid" ] || keep+=("$p"); done
     CHILDREN=("${keep[@]}")
 }
@@ -247,7 +259,7 @@ check_copy() {
 # fresh file, from `mirror --wait` until serve and listen have exited.
 migrate() {
     local r=$1 wl=$2 subj=$3 src=$4 dst=$TMP/dst.img log=$OUT/$2.$3.r$1 sport dport serve listen
-    local err= mirror_ms= freeze_ms= rc_mirror=0 rc_serve rc_listen size
+    local err= mirror_ms= freeze_ms= rc_mirror rc_serve rc_listen size
     size=$(stat -c %s "$src")
     fresh "$dst" "$size"
     sync
@@ -269,8 +281,9 @@ migrate() {
         return
     fi
     mark_start
-    timeout "$MIGRATE_TIMEOUT" "$FLEXNBD" mirror --sock "$TMP/ctl.sock" --addr "$HOST" --port "$dport" --wait \
-        >"$log.mirror.out" 2>"$log.mirror.err" || rc_mirror=$?
+    run timeout "$MIGRATE_TIMEOUT" "$FLEXNBD" mirror --sock "$TMP/ctl.sock" --addr "$HOST" --port "$dport" --wait \
+        >"$log.mirror.out" 2>"$log.mirror.err"
+    rc_mirror=$RC
     if [ $rc_mirror = 0 ]; then
         reap "$serve" "$STOP_TIMEOUT" # it exits by itself after the hand-off
     else
@@ -301,7 +314,7 @@ migrate() {
 # nbdcopy_run ROUND SUBJECT SRC [FLAGS]: nbdcopy of SRC into nbdkit's file
 # plugin serving a fresh sparse file; times nbdcopy's run.
 nbdcopy_run() {
-    local r=$1 subj=$2 src=$3 dst=$TMP/nbdkit.img log=$OUT/random1g.$2.r$1 port kit err= rc=0 size
+    local r=$1 subj=$2 src=$3 dst=$TMP/nbdkit.img log=$OUT/random1g.$2.r$1 port kit err= rc size
     shift 3
     size=$(stat -c %s "$src")
     fresh "$dst" "$size"
@@ -318,7 +331,8 @@ nbdcopy_run() {
         return
     fi
     mark_start
-    timeout "$MIGRATE_TIMEOUT" nbdcopy "$@" "$src" "nbd://$HOST:$port" >"$log.out" 2>&1 || rc=$?
+    run timeout "$MIGRATE_TIMEOUT" nbdcopy "$@" "$src" "nbd://$HOST:$port" >"$log.out" 2>&1
+    rc=$RC
     mark_end
     stop "$kit"
     [ $rc = 0 ] || err="nbdcopy exit $rc"
@@ -334,7 +348,7 @@ nbdcopy_run() {
 # stall_run ROUND: one migration under client load.
 stall_run() {
     local r=$1 src=$TMP/stall.img dst=$TMP/stall-dst.img log=$OUT/stall.r$1 sport dport serve listen load
-    local err= rc_mirror=0 rc_serve rc_listen rc_load freeze_log= freeze_reply= mirror_ms=
+    local err= rc_mirror rc_serve rc_listen rc_load freeze_log= freeze_reply= mirror_ms=
     fresh "$dst" "$(stat -c %s "$src")"
     sync
     quiet
@@ -368,8 +382,9 @@ stall_run() {
     fi
     sleep "$STALL_WARMUP"
     kill -USR1 "$load" # phase "during"
-    timeout "$MIGRATE_TIMEOUT" "$FLEXNBD" mirror --sock "$TMP/ctl.sock" --addr "$HOST" --port "$dport" --wait \
-        >"$log.mirror.out" 2>"$log.mirror.err" || rc_mirror=$?
+    run timeout "$MIGRATE_TIMEOUT" "$FLEXNBD" mirror --sock "$TMP/ctl.sock" --addr "$HOST" --port "$dport" --wait \
+        >"$log.mirror.out" 2>"$log.mirror.err"
+    rc_mirror=$RC
     kill -USR1 "$load" # phase "after"
     if [ $rc_mirror = 0 ]; then
         reap "$serve" "$STOP_TIMEOUT"
