@@ -5,6 +5,10 @@ Subcommands:
   same SRC DST       exit 0 if the two files hold the same bytes. Only where
                      either file has data (SEEK_DATA) is read, so a 16 GiB
                      sparse file compares in the time its data takes.
+  split SERVE_LOG    print "COPY_MS TAIL_MS" from a migration source's log (-v):
+                     from "mirror started" to the last "pass complete" (the
+                     copy), and from there to "hand-off complete" (flush of
+                     the destination, freeze, DISC); "- -" if not found.
   stall-header       print the header of stall.csv.
   stall-row ROUND MIGLOAD_JSON FREEZE_LOG_MS FREEZE_REPLY_MS MIRROR_MS ERROR
                      print one stall.csv row from migload's report.
@@ -69,8 +73,35 @@ def cmd_same(src, dst):
     return 0
 
 
+def log_seconds(line):
+    """Seconds since midnight of a console log line ("15:04:05.000 ...")."""
+    h, m, s = line[:12].split(":")
+    return int(h) * 3600 + int(m) * 60 + float(s)
+
+
+def cmd_split(path):
+    marks = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                for key in ("mirror started", "pass complete", "hand-off complete"):
+                    if key in line:
+                        marks[key] = log_seconds(line)  # the last one of each
+    except (OSError, ValueError):
+        pass
+    if len(marks) < 3:
+        print("- -")
+        return 0
+    copy = marks["pass complete"] - marks["mirror started"]
+    tail = marks["hand-off complete"] - marks["pass complete"]
+    # A migration across midnight would make these negative.
+    print(f"{copy * 1000:.0f} {tail * 1000:.0f}" if copy >= 0 and tail >= 0 else "- -")
+    return 0
+
+
 STALL_FIELDS = [
-    "round", "max_ms", "max_replayed_ms", "max_plain_ms", "p50_ms", "p99_ms", "p999_ms", "writes",
+    "round", "max_ms", "max_replayed_ms", "replay_held_ms", "replay_recover_ms", "max_dial_ms", "dial_failures",
+    "max_plain_ms", "p50_ms", "p99_ms", "p999_ms", "writes",
     "reconnects", "errors", "verify_errors", "before_max_ms", "during_max_ms", "after_max_ms", "freeze_log_ms", "freeze_reply_ms", "mirror_ms", "error",
 ]
 
@@ -86,7 +117,8 @@ def cmd_stall_row(rnd, path, freeze_log, freeze_reply, mirror_ms, error):
     try:
         with open(path) as f:
             rep = json.load(f)
-        for k in ("max_ms", "max_replayed_ms", "max_plain_ms", "p50_ms", "p99_ms", "p999_ms", "writes",
+        for k in ("max_ms", "max_replayed_ms", "replay_held_ms", "replay_recover_ms", "max_dial_ms", "dial_failures",
+                  "max_plain_ms", "p50_ms", "p99_ms", "p999_ms", "writes",
                   "reconnects", "errors", "verify_errors"):
             row[k] = rep.get(k, "")
         for ph in rep.get("phases", []):
@@ -108,7 +140,8 @@ def cmd_stall_row(rnd, path, freeze_log, freeze_reply, mirror_ms, error):
 
 def cmd_stall_say():
     row = next(csv.DictReader(sys.stdin, STALL_FIELDS))
-    msg = (f"longest write {row['max_ms']} ms (replayed {row['max_replayed_ms']}, otherwise "
+    msg = (f"longest write {row['max_ms']} ms (replayed {row['max_replayed_ms']}: held "
+           f"{row['replay_held_ms']}, reconnect+replay {row['replay_recover_ms']}; otherwise "
            f"{row['max_plain_ms']}; before/during/after the migration {row['before_max_ms']}/"
            f"{row['during_max_ms']}/{row['after_max_ms']}), p50 {row['p50_ms']} p99 {row['p99_ms']} ms, freeze "
            f"{row['freeze_log_ms'] or '?'} ms, {row['writes']} writes, {row['reconnects']} reconnects")
@@ -204,9 +237,14 @@ def copy_tables(rows):
             out.append(f"- flexnbd throughput / {name} throughput: {f_ratio(median(ratios))}{target}, "
                        f"median of {len(ratios)} per-round ratios"
                        f" ({', '.join(f'{x:.2f}' for x in ratios)})")
+        cp = [num(v["copy_ms"]) for v in flex_rows.values() if not v["error"] and num(v["copy_ms"]) is not None]
+        tl = [num(v["tail_ms"]) for v in flex_rows.values() if not v["error"] and num(v["tail_ms"]) is not None]
         if mir:
             out.append(f"- flexnbd's own count (`duration_ms` of the `mirror_wait` reply: from the start of "
                        f"the migration to the hand-off): median {median(mir) / 1000:.2f} s")
+        if cp and tl:
+            out.append(f"- of which (source log): copy passes median {median(cp) / 1000:.2f} s; from the last pass "
+                       f"to the hand-off (destination FLUSH, freeze, DISC) median {median(tl) / 1000:.2f} s")
         if frz:
             out.append(f"- freeze (source log): median {median(frz):.1f} ms")
         out.append("")
@@ -225,6 +263,14 @@ def copy_tables(rows):
         out.append("")
         out.append(f"- sparse16g / dense64m time: {f_ratio(median(ratios))} (target: at most 1.5), median of "
                    f"{len(ratios)} per-round ratios ({', '.join(f'{x:.2f}' for x in ratios)})")
+        for subj in ("sparse16g", "dense64m"):
+            rs = [v for v in by.get(("sparse16g", subj), {}).values() if not v["error"]]
+            cp = [num(v["copy_ms"]) for v in rs if num(v["copy_ms"]) is not None]
+            tl = [num(v["tail_ms"]) for v in rs if num(v["tail_ms"]) is not None]
+            mir = [num(v["mirror_ms"]) for v in rs if num(v["mirror_ms"]) is not None]
+            if cp and tl and mir:
+                out.append(f"- {subj} (source log, medians): migration {median(mir):.0f} ms, of which copy "
+                           f"{median(cp):.0f} ms and last pass to hand-off {median(tl):.0f} ms")
         out.append("")
     if errors:
         out.append("Failed runs (left out of the medians):")
@@ -239,13 +285,15 @@ def stall_table(rows):
     if not rows:
         return []
     out = ["### stall: 8 clients writing 4 KiB at queue depth 1 across the hand-off", ""]
-    out.append("| round | longest write | longest replayed | longest not replayed | longest before · during · after "
-               "| p50 | p99 | p99.9 | freeze (log) | writes | reconnects | problems |")
+    out.append("| round | longest write | longest replayed (held · reconnect+replay) | longest not replayed "
+               "| longest before · during · after | p50 | p99 | p99.9 | freeze (log) | writes | reconnects | problems |")
     out.append("|---" * 12 + "|")
     for r in rows:
         phases = " · ".join(f"{num(r[k]):.1f}" if num(r[k]) is not None else "n/a"
                             for k in ("before_max_ms", "during_max_ms", "after_max_ms"))
-        out.append(f"| {r['round']} | {f_ms(num(r['max_ms']))} | {f_ms(num(r['max_replayed_ms']))} | "
+        split = " · ".join(f"{num(r[k]):.1f}" if num(r[k]) is not None else "n/a"
+                           for k in ("replay_held_ms", "replay_recover_ms"))
+        out.append(f"| {r['round']} | {f_ms(num(r['max_ms']))} | {f_ms(num(r['max_replayed_ms']))} ({split}) | "
                    f"{f_ms(num(r['max_plain_ms']))} | {phases} ms | {f_ms(num(r['p50_ms']))} | {f_ms(num(r['p99_ms']))} | "
                    f"{f_ms(num(r['p999_ms']))} | {f_ms(num(r['freeze_log_ms']))} | {r['writes'] or 'n/a'} | "
                    f"{r['reconnects'] or 'n/a'} | {r['error'] or 'none'} |")
@@ -258,6 +306,11 @@ def stall_table(rows):
         out.append(f"- longest write over {len(good)} migrations: **{worst:.1f} ms** (target: at most 50 ms; {verdict})")
         out.append(f"- median over rounds of each round's longest write: {median([num(r['max_ms']) for r in good]):.1f} ms; "
                    f"of p99: {median([num(r['p99_ms']) for r in good]):.2f} ms")
+    dials = [num(r["max_dial_ms"]) for r in good if num(r["max_dial_ms"]) is not None]
+    if dials:
+        refused = sum(int(num(r["dial_failures"]) or 0) for r in good)
+        out.append(f"- reconnection (dial and handshake): longest {max(dials):.1f} ms, median over rounds of each "
+                   f"round's longest {median(dials):.1f} ms; {refused} dials refused or failed in all")
     if freezes:
         out.append(f"- freeze (source log, `hand-off complete ... freeze=`): p50 {nearest_rank(freezes, 50):.1f} ms, "
                    f"p99 {nearest_rank(freezes, 99):.1f} ms (nearest rank over {len(freezes)}: p99 is the largest)")
@@ -277,6 +330,8 @@ def main(argv):
     cmd, args = argv[1], argv[2:]
     if cmd == "same":
         return cmd_same(*args)
+    if cmd == "split":
+        return cmd_split(*args)
     if cmd == "stall-header":
         return cmd_stall_header()
     if cmd == "stall-row":

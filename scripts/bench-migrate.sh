@@ -239,8 +239,8 @@ mark_end() {
         }')"
 }
 
-row() { # round workload subject seconds mirror_ms freeze_ms error
-    echo "$1,$2,$3,$4,$5,$6,$CPU,$OTHERS,$7" >>"$CSV"
+row() { # round workload subject seconds mirror_ms freeze_ms copy_ms tail_ms error
+    echo "$1,$2,$3,$4,$5,$6,$7,$8,$CPU,$OTHERS,$9" >>"$CSV"
 }
 
 # fresh PATH SIZE: an empty sparse file, as a new destination is.
@@ -259,7 +259,7 @@ check_copy() {
 # fresh file, from `mirror --wait` until serve and listen have exited.
 migrate() {
     local r=$1 wl=$2 subj=$3 src=$4 dst=$TMP/dst.img log=$OUT/$2.$3.r$1 sport dport serve listen
-    local err= mirror_ms= freeze_ms= rc_mirror rc_serve rc_listen size
+    local err= mirror_ms= freeze_ms= copy_ms tail_ms rc_mirror rc_serve rc_listen size
     size=$(stat -c %s "$src")
     fresh "$dst" "$size"
     sync
@@ -276,7 +276,7 @@ migrate() {
         stop "$serve"
         stop "$listen"
         CPU=0 OTHERS=0
-        row "$r" "$wl" "$subj" 0 "" "" "did not start"
+        row "$r" "$wl" "$subj" 0 "" "" "" "" "did not start"
         say "round $r $wl $subj: serve or listen did not start; see $log.*.log"
         return
     fi
@@ -305,7 +305,8 @@ migrate() {
     if [ -z "$err" ] && ! check_copy "$src" "$dst"; then
         err="destination differs from the source"
     fi
-    row "$r" "$wl" "$subj" "$WALL" "$mirror_ms" "$freeze_ms" "$err"
+    read -r copy_ms tail_ms <<<"$($REPORT split "$log.serve.log")"
+    row "$r" "$wl" "$subj" "$WALL" "$mirror_ms" "$freeze_ms" "$copy_ms" "$tail_ms" "$err"
     say "$(printf 'round %d %-9s %-14s %7.3f s (mirror %s ms, freeze %s ms; CPU %s%%, others %s%%)%s' \
         "$r" "$wl" "$subj" "$WALL" "${mirror_ms:-?}" "${freeze_ms:-?}" "$CPU" "$OTHERS" "${err:+  ERROR: $err}")"
     rm -f "$dst"
@@ -326,7 +327,7 @@ nbdcopy_run() {
     if ! wait_for listening "$port"; then
         stop "$kit"
         CPU=0 OTHERS=0
-        row "$r" random1g "$subj" 0 "" "" "nbdkit did not start"
+        row "$r" random1g "$subj" 0 "" "" "" "" "nbdkit did not start"
         say "round $r random1g $subj: nbdkit did not start; see $log.nbdkit.log"
         return
     fi
@@ -339,7 +340,7 @@ nbdcopy_run() {
     if [ -z "$err" ] && ! check_copy "$src" "$dst"; then
         err="destination differs from the source"
     fi
-    row "$r" random1g "$subj" "$WALL" "" "" "$err"
+    row "$r" random1g "$subj" "$WALL" "" "" "" "" "$err"
     say "$(printf 'round %d %-9s %-14s %7.3f s (CPU %s%%, others %s%%)%s' \
         "$r" random1g "$subj" "$WALL" "$CPU" "$OTHERS" "${err:+  ERROR: $err}")"
     rm -f "$dst"
@@ -416,7 +417,7 @@ OUT=$BENCH_DIR/results/migrate-$STAMP
 mkdir -p "$OUT" || fail "cannot create $OUT"
 CSV=$OUT/raw.csv
 STALL_CSV=$OUT/stall.csv
-echo "round,workload,subject,seconds,mirror_ms,freeze_ms,cpu_pct,others_pct,error" >"$CSV"
+echo "round,workload,subject,seconds,mirror_ms,freeze_ms,copy_ms,tail_ms,cpu_pct,others_pct,error" >"$CSV"
 $REPORT stall-header >"$STALL_CSV"
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/flexnbd-bench-migrate.XXXXXX")
 say "results go to $OUT; data in $TMP (removed at exit)"

@@ -113,6 +113,16 @@ type report struct {
 	// send.
 	MaxReplayedMs float64 `json:"max_replayed_ms"`
 	MaxPlainMs    float64 `json:"max_plain_ms"`
+	// A replayed write's latency splits into its wait on the first server
+	// until the connection failed (ReplayHeldMs, the longest) and the
+	// reconnection and replay after it (ReplayRecoverMs, the longest).
+	ReplayHeldMs    float64 `json:"replay_held_ms"`
+	ReplayRecoverMs float64 `json:"replay_recover_ms"`
+	// MaxDialMs is the longest (re)connection, dials that were refused
+	// included; DialFailures counts those, DialError quotes the first.
+	MaxDialMs    float64 `json:"max_dial_ms"`
+	DialFailures int     `json:"dial_failures"`
+	DialError    string  `json:"dial_error,omitempty"`
 	// MaxAt is when the longest write began, in seconds from the start.
 	MaxAt        float64       `json:"max_at_s"`
 	Phases       []phaseReport `json:"phases"`
@@ -150,19 +160,24 @@ type worker struct {
 	// undefined).
 	last map[uint64]uint64
 
-	lat        [len(phaseNames)][]time.Duration
-	phaseMax   [len(phaseNames)]time.Duration
-	phaseMaxAt [len(phaseNames)]time.Time
-	replayed   time.Duration
-	plain      time.Duration
-	maxLat     time.Duration
-	maxAt      time.Duration
-	reconnects int
-	replays    int
-	failed     int      // writes that failed for good
-	errs       []string // the first o.maxErrors of them
-	verified   int
-	verifyErrs []string
+	lat          [len(phaseNames)][]time.Duration
+	phaseMax     [len(phaseNames)]time.Duration
+	phaseMaxAt   [len(phaseNames)]time.Time
+	replayed     time.Duration
+	dialMax      time.Duration // longest connect, refused dials included
+	dialFailures int
+	dialError    string        // the first dial that failed
+	heldMax      time.Duration // of replayed writes: first send to connection failure
+	recoverMax   time.Duration // of replayed writes: connection failure to acknowledgement
+	plain        time.Duration
+	maxLat       time.Duration
+	maxAt        time.Duration
+	reconnects   int
+	replays      int
+	failed       int      // writes that failed for good
+	errs         []string // the first o.maxErrors of them
+	verified     int
+	verifyErrs   []string
 }
 
 func run(o options) (*report, error) {
@@ -253,9 +268,11 @@ func (w *worker) connect(from int) error {
 		_ = w.c.Close()
 		w.c = nil
 	}
-	deadline := time.Now().Add(w.o.giveUp)
+	began := time.Now()
+	deadline := began.Add(w.o.giveUp)
 	idx := min(from, len(w.o.addrs)-1)
 	var err error
+	defer func() { w.dialMax = max(w.dialMax, time.Since(began)) }()
 	for {
 		dctx, cancel := context.WithTimeout(context.Background(), w.o.giveUp)
 		var c *nbd.Client
@@ -264,6 +281,10 @@ func (w *worker) connect(from int) error {
 		if err == nil {
 			w.c, w.addr = c, idx
 			return nil
+		}
+		w.dialFailures++
+		if w.dialError == "" {
+			w.dialError = err.Error()
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("no server answered within %v; last error: %w", w.o.giveUp, err)
@@ -285,7 +306,8 @@ func (w *worker) loop(ctx context.Context, firstDone func()) {
 		binary.LittleEndian.PutUint64(w.buf[24:], w.seq)
 		began := time.Now()
 		ph := phase.Load()
-		replayed, err := w.write(off)
+		failedAt, err := w.write(off)
+		replayed := !failedAt.IsZero()
 		d := time.Since(began)
 		if err != nil {
 			delete(w.last, off)
@@ -309,6 +331,8 @@ func (w *worker) loop(ctx context.Context, firstDone func()) {
 		}
 		if replayed {
 			w.replayed = max(w.replayed, d)
+			w.heldMax = max(w.heldMax, failedAt.Sub(began))
+			w.recoverMax = max(w.recoverMax, d-failedAt.Sub(began))
 		} else {
 			w.plain = max(w.plain, d)
 		}
@@ -320,29 +344,29 @@ func (w *worker) loop(ctx context.Context, firstDone func()) {
 }
 
 // write sends the block in w.buf to off until one server acknowledges it,
-// moving on to the next address when a connection fails. It reports
-// whether the write had to be sent more than once.
-func (w *worker) write(off uint64) (replayed bool, err error) {
+// moving on to the next address when a connection fails. For a write
+// that had to be sent again it returns when its first connection failed.
+func (w *worker) write(off uint64) (failedAt time.Time, err error) {
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), w.o.timeout)
 		err = w.c.Write(ctx, w.buf, off, 0)
 		cancel()
 		if err == nil {
-			return replayed, nil
+			return failedAt, nil
 		}
 		if w.c.Err() == nil && !errors.Is(err, nbd.ESHUTDOWN) {
 			// The server answered with an error and the connection
 			// lives: sending the same write again would not help.
-			return replayed, fmt.Errorf("server refused the write: %w", err)
+			return failedAt, fmt.Errorf("server refused the write: %w", err)
+		}
+		if failedAt.IsZero() {
+			failedAt = time.Now()
+			w.replays++
 		}
 		w.reconnects++
 		if cerr := w.connect(w.addr + 1); cerr != nil {
-			return replayed, fmt.Errorf("after %v: %w", err, cerr)
+			return failedAt, fmt.Errorf("after %v: %w", err, cerr)
 		}
-		if !replayed {
-			w.replays++
-		}
-		replayed = true
 	}
 }
 
@@ -405,6 +429,13 @@ func summarise(o options, workers []*worker, elapsed time.Duration) *report {
 			maxLat, maxAt = w.maxLat, w.maxAt
 		}
 		maxRep = max(maxRep, w.replayed)
+		r.ReplayHeldMs = max(r.ReplayHeldMs, ms(w.heldMax))
+		r.ReplayRecoverMs = max(r.ReplayRecoverMs, ms(w.recoverMax))
+		r.MaxDialMs = max(r.MaxDialMs, ms(w.dialMax))
+		r.DialFailures += w.dialFailures
+		if r.DialError == "" {
+			r.DialError = w.dialError
+		}
 		maxPlain = max(maxPlain, w.plain)
 	}
 	slices.Sort(all)
