@@ -17,7 +17,7 @@
 #              included, and the freeze the source reports
 #
 # Every round measures each workload's subjects one after the other (the
-# order alternates from one round to the next), so slow drift of a shared
+# order rotates from one round to the next), so slow drift of a shared
 # machine hits them alike; the report gives medians over the rounds and
 # ratios measured within one round.
 #
@@ -31,6 +31,11 @@
 #   STALL_WARMUP=1        seconds the clients write before the migration
 #   STALL_AFTER=1         seconds they go on writing to the destination
 #   MIGRATE_TIMEOUT=300   seconds one migration or copy may take
+#   WARM_MEM=1G           right before each timed run, write this much to a
+#                         file beside the data and remove it (0: never): on
+#                         a VM whose free memory goes back to the host, the
+#                         first large run after a few idle seconds otherwise
+#                         pays to get it back (see warm_memory)
 #   QUIET_LIMIT=40        before each run, wait (up to QUIET_WAIT=30 seconds)
 #                         until the machine is less busy than this (% of one
 #                         core, summed over all cores); 0 disables
@@ -38,9 +43,9 @@
 #                         (default ${TMPDIR:-/tmp}/flexnbd-bench)
 #   FLEXNBD=bin/flexnbd   the binary under test
 #
-# The data (about 3.3 GiB, 1.3 GiB of it at a time on disk after the
-# first round) lives in a temporary directory under ${TMPDIR:-/tmp} that
-# is removed on exit, as is every process the script started.
+# The data (up to about 3.5 GiB at a time) lives in a temporary directory
+# under ${TMPDIR:-/tmp} that is removed on exit, as is every process the
+# script started.
 #
 # Exits 0 when the benchmark ran, whatever the numbers, and 1 when it could
 # not run; a failed migration or copy is reported in its row.
@@ -59,6 +64,7 @@ STALL_CONNS=${STALL_CONNS:-8}
 STALL_WARMUP=${STALL_WARMUP:-1}
 STALL_AFTER=${STALL_AFTER:-1}
 MIGRATE_TIMEOUT=${MIGRATE_TIMEOUT:-300}
+WARM_MEM=${WARM_MEM:-1G}
 QUIET_LIMIT=${QUIET_LIMIT:-40}
 QUIET_WAIT=${QUIET_WAIT:-30}
 BENCH_DIR=${FLEXNBD_BENCH_DIR:-${TMPDIR:-/tmp}/flexnbd-bench}
@@ -68,7 +74,7 @@ HOST=127.0.0.1
 START_TIMEOUT=20
 STOP_TIMEOUT=10
 
-INVOCATION="ROUNDS=$ROUNDS WORKLOADS=\"$WORKLOADS\" NBDCOPY_FLUSH=$NBDCOPY_FLUSH QUIET_LIMIT=$QUIET_LIMIT make bench-migrate"
+INVOCATION="ROUNDS=$ROUNDS WORKLOADS=\"$WORKLOADS\" NBDCOPY_FLUSH=$NBDCOPY_FLUSH WARM_MEM=$WARM_MEM QUIET_LIMIT=$QUIET_LIMIT make bench-migrate"
 
 say() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 fail() {
@@ -112,7 +118,7 @@ cleanup() {
         t=$((t + 1))
     done
     wait 2>/dev/null || true
-    [ -n "$TMP" ] && rm -rf "$TMP"
+    [ -z "$TMP" ] || rm -rf "$TMP"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -208,6 +214,22 @@ quiet() {
     done
 }
 
+# warm_memory: write WARM_MEM of zeroes to a file beside the data and
+# remove it, so the page cache pages the next run allocates are ones the
+# guest has just used. A VM with free page reporting (virtio-balloon, as
+# on the machine of the published run) hands free memory back to the host
+# within seconds; the first run to allocate it again pays the host's page
+# faults, in the copy into new page cache folios: a 1 GiB migration took
+# 1.4 s after another run but 2.1-2.8 s after twelve idle seconds, and in
+# the benchmark whichever subject ran first in a round was 2-3 times slower.
+# Writing and removing 1 GiB right before the run removed the difference
+# (1.38-1.41 s after idling); the same through /dev/shm did not.
+warm_memory() {
+    [ "$WARM_MEM" != 0 ] || return 0
+    head -c "$WARM_MEM" /dev/zero >"$TMP/warm.img" || say "warming memory failed"
+    rm -f "$TMP/warm.img"
+}
+
 # Around each timed run: the CPU of this script's process tree (the
 # servers and clients it started, reaped ones included) and of the whole
 # machine, so the report can show what else ran meanwhile.
@@ -280,6 +302,7 @@ migrate() {
         say "round $r $wl $subj: serve or listen did not start; see $log.*.log"
         return
     fi
+    warm_memory
     mark_start
     run timeout "$MIGRATE_TIMEOUT" "$FLEXNBD" mirror --sock "$TMP/ctl.sock" --addr "$HOST" --port "$dport" --wait \
         >"$log.mirror.out" 2>"$log.mirror.err"
@@ -331,6 +354,7 @@ nbdcopy_run() {
         say "round $r random1g $subj: nbdkit did not start; see $log.nbdkit.log"
         return
     fi
+    warm_memory
     mark_start
     run timeout "$MIGRATE_TIMEOUT" nbdcopy "$@" "$src" "nbd://$HOST:$port" >"$log.out" 2>&1
     rc=$RC
@@ -368,6 +392,7 @@ stall_run() {
         say "round $r stall: serve or listen did not start; see $log.*.log"
         return
     fi
+    warm_memory
     # Not through spawn's log: the report is its standard output.
     setsid "$TMP/migload" -addrs "$HOST:$sport,$HOST:$dport" -conns "$STALL_CONNS" -ready "$TMP/ready" \
         >"$log.migload.json" 2>"$log.migload.err" </dev/null &
@@ -454,9 +479,11 @@ DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
 LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 for r in $(seq 1 "$ROUNDS"); do
     if has random1g; then
-        subjects=(flexnbd nbdcopy)
-        [ "$NBDCOPY_FLUSH" = 1 ] && subjects+=(nbdcopy-flush)
-        [ $((r % 2)) = 0 ] && subjects=($(printf '%s\n' "${subjects[@]}" | tac))
+        all=(flexnbd nbdcopy)
+        [ "$NBDCOPY_FLUSH" = 1 ] && all+=(nbdcopy-flush)
+        # Each subject takes each place in the order in turn.
+        subjects=()
+        for i in "${!all[@]}"; do subjects+=("${all[$(((i + r - 1) % ${#all[@]}))]}"); done
         for s in "${subjects[@]}"; do
             case $s in
             flexnbd) migrate "$r" random1g flexnbd "$TMP/random1g.img" ;;
