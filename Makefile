@@ -8,7 +8,7 @@ ADDR      ?= 127.0.0.1
 PORT      ?= 10809
 GOFILES   := $(shell find . -name '*.go' -not -path './.git/*')
 
-.PHONY: all build test vet fmt-check race unit bench serve man install clean
+.PHONY: all build test vet fmt-check race unit bench bench-migrate serve man install clean
 
 all: build
 
@@ -34,6 +34,12 @@ fmt-check:
 # same file; see docs/BENCHMARKS.md.
 bench: build
 	scripts/bench.sh
+
+# Migration benchmark: flexnbd mirror against nbdcopy into nbdkit, sparse
+# against dense exports, and the longest client write across a hand-off;
+# see docs/BENCHMARKS.md.
+bench-migrate: build
+	GO=$(GO) scripts/bench-migrate.sh
 
 # Build, create a sparse demo image if there is none, and serve it.
 serve: build
