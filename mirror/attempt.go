@@ -227,6 +227,7 @@ func (a *attempt) freeze(ctx context.Context) error {
 		}
 		return fmt.Errorf("%w: %w", errFreezePutOff, err)
 	}
+	held := time.Now()
 	prevMode := m.Mode()
 	m.setMode(ModeFreeze)
 	handedOff := false
@@ -242,6 +243,7 @@ func (a *attempt) freeze(ctx context.Context) error {
 	if err := a.pass(ctx, false, false); err != nil {
 		return err
 	}
+	copied := time.Now()
 	// Nothing runs on the export now, so nothing can have become dirty.
 	if n := m.dirty.dirtyBytes(); n != 0 {
 		return fmt.Errorf("mirror: %d bytes dirty after the final copy", n)
@@ -250,6 +252,7 @@ func (a *attempt) freeze(ctx context.Context) error {
 	if err := a.flush(ctx); err != nil {
 		return err
 	}
+	flushed := time.Now()
 	// The destination holds everything, durably: from here on the
 	// hand-off goes through, whatever happens to the DISC.
 	if m.cfg.Finish == FinishUnlink {
@@ -268,7 +271,10 @@ func (a *attempt) freeze(ctx context.Context) error {
 	}
 	freeze := time.Since(start)
 	m.lastFreeze.Store(int64(freeze))
-	m.log.Info().Dur("freeze", freeze).Uint64("final_bytes", left).Msg("hand-off complete")
+	m.log.Info().Dur("freeze", freeze).Uint64("final_bytes", left).
+		Dur("hold_wait", held.Sub(start)).Dur("final_copy", copied.Sub(held)).
+		Dur("final_flush", flushed.Sub(copied)).Dur("disc", time.Since(flushed)).
+		Msg("hand-off complete")
 	return nil
 }
 
