@@ -19,7 +19,10 @@
 # Every round measures each workload's subjects one after the other (the
 # order rotates from one round to the next), so slow drift of a shared
 # machine hits them alike; the report gives medians over the rounds and
-# ratios measured within one round.
+# ratios measured within one round. Use a multiple of three rounds for
+# random1g: the first large copy after some idle seconds can be much
+# slower on a VM that hands free memory back to its host (see
+# docs/BENCHMARKS.md), and rotation gives each subject that place alike.
 #
 # Environment:
 #   ROUNDS=5              rounds
@@ -31,11 +34,6 @@
 #   STALL_WARMUP=1        seconds the clients write before the migration
 #   STALL_AFTER=1         seconds they go on writing to the destination
 #   MIGRATE_TIMEOUT=300   seconds one migration or copy may take
-#   WARM_MEM=1G           right before each timed run, write this much to a
-#                         file beside the data and remove it (0: never): on
-#                         a VM whose free memory goes back to the host, the
-#                         first large run after a few idle seconds otherwise
-#                         pays to get it back (see warm_memory)
 #   QUIET_LIMIT=40        before each run, wait (up to QUIET_WAIT=30 seconds)
 #                         until the machine is less busy than this (% of one
 #                         core, summed over all cores); 0 disables
@@ -64,7 +62,6 @@ STALL_CONNS=${STALL_CONNS:-8}
 STALL_WARMUP=${STALL_WARMUP:-1}
 STALL_AFTER=${STALL_AFTER:-1}
 MIGRATE_TIMEOUT=${MIGRATE_TIMEOUT:-300}
-WARM_MEM=${WARM_MEM:-1G}
 QUIET_LIMIT=${QUIET_LIMIT:-40}
 QUIET_WAIT=${QUIET_WAIT:-30}
 BENCH_DIR=${FLEXNBD_BENCH_DIR:-${TMPDIR:-/tmp}/flexnbd-bench}
@@ -74,7 +71,7 @@ HOST=127.0.0.1
 START_TIMEOUT=20
 STOP_TIMEOUT=10
 
-INVOCATION="ROUNDS=$ROUNDS WORKLOADS=\"$WORKLOADS\" NBDCOPY_FLUSH=$NBDCOPY_FLUSH WARM_MEM=$WARM_MEM QUIET_LIMIT=$QUIET_LIMIT make bench-migrate"
+INVOCATION="ROUNDS=$ROUNDS WORKLOADS=\"$WORKLOADS\" NBDCOPY_FLUSH=$NBDCOPY_FLUSH QUIET_LIMIT=$QUIET_LIMIT make bench-migrate"
 
 say() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 fail() {
@@ -214,22 +211,6 @@ quiet() {
     done
 }
 
-# warm_memory: write WARM_MEM of zeroes to a file beside the data and
-# remove it, so the page cache pages the next run allocates are ones the
-# guest has just used. A VM with free page reporting (virtio-balloon, as
-# on the machine of the published run) hands free memory back to the host
-# within seconds; the first run to allocate it again pays the host's page
-# faults, in the copy into new page cache folios: a 1 GiB migration took
-# 1.4 s after another run but 2.1-2.8 s after twelve idle seconds, and in
-# the benchmark whichever subject ran first in a round was 2-3 times slower.
-# Writing and removing 1 GiB right before the run removed the difference
-# (1.38-1.41 s after idling); the same through /dev/shm did not.
-warm_memory() {
-    [ "$WARM_MEM" != 0 ] || return 0
-    head -c "$WARM_MEM" /dev/zero >"$TMP/warm.img" || say "warming memory failed"
-    rm -f "$TMP/warm.img"
-}
-
 # Around each timed run: the CPU of this script's process tree (the
 # servers and clients it started, reaped ones included) and of the whole
 # machine, so the report can show what else ran meanwhile.
@@ -302,7 +283,6 @@ migrate() {
         say "round $r $wl $subj: serve or listen did not start; see $log.*.log"
         return
     fi
-    warm_memory
     mark_start
     run timeout "$MIGRATE_TIMEOUT" "$FLEXNBD" mirror --sock "$TMP/ctl.sock" --addr "$HOST" --port "$dport" --wait \
         >"$log.mirror.out" 2>"$log.mirror.err"
@@ -354,7 +334,6 @@ nbdcopy_run() {
         say "round $r random1g $subj: nbdkit did not start; see $log.nbdkit.log"
         return
     fi
-    warm_memory
     mark_start
     run timeout "$MIGRATE_TIMEOUT" nbdcopy "$@" "$src" "nbd://$HOST:$port" >"$log.out" 2>&1
     rc=$RC
@@ -392,7 +371,6 @@ stall_run() {
         say "round $r stall: serve or listen did not start; see $log.*.log"
         return
     fi
-    warm_memory
     # Not through spawn's log: the report is its standard output.
     setsid "$TMP/migload" -addrs "$HOST:$sport,$HOST:$dport" -conns "$STALL_CONNS" -ready "$TMP/ready" \
         >"$log.migload.json" 2>"$log.migload.err" </dev/null &
