@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 
+	"github.com/flexnbd/flexnbd/internal/localtcp"
 	"github.com/flexnbd/flexnbd/nbd"
 )
 
@@ -39,6 +40,15 @@ func (m *Mirror) connect(ctx context.Context) (*nbd.Client, error) {
 	nc, err := d.DialContext(ctx, "tcp", m.cfg.Target)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrConnect, err)
+	}
+	if tc, ok := nc.(*net.TCPConn); ok && localtcp.IsLocal(tc) {
+		// A destination on this host gains nothing from BBR's pacing and
+		// loses throughput to it, as the server's local clients do.
+		if algorithm, changed, err := localtcp.AvoidPacing(tc); err != nil {
+			m.log.Debug().Err(err).Msg("cannot avoid pacing toward a local destination")
+		} else if changed {
+			m.log.Debug().Str("congestion", algorithm).Msg("local destination: pacing off")
+		}
 	}
 	c, err := nbd.NewClient(nc, &nbd.ClientOptions{
 		ExportName:       SourceExportName,

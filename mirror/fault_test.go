@@ -3,7 +3,9 @@ package mirror_test
 import (
 	"context"
 	"errors"
+	"net"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -396,4 +398,31 @@ func TestUnlinkBetweenFinalFlushAndDisc(t *testing.T) {
 	got, err := os.ReadFile(dstPath)
 	require.NoError(t, err)
 	assert.Equal(t, want, got)
+}
+
+// The copy to a destination on this host does not pace (BBR's timer costs
+// throughput on loopback), as the server's local clients do not.
+func TestCopyToALocalDestinationIsNotPaced(t *testing.T) {
+	def, err := os.ReadFile("/proc/sys/net/ipv4/tcp_congestion_control")
+	if err != nil || !strings.Contains(string(def), "bbr") {
+		t.Skipf("the default congestion control (%q) does not pace; this test needs BBR", strings.TrimSpace(string(def)))
+	}
+	ss := testserver.Tool(t, "ss")
+	const size = 8 << 20
+	path := makeFile(t, size, map[int64][]byte{0: random(31, size)})
+	_, exp := source(t, path)
+	d := &mirror.Destination{}
+	dst := destination(t, size, d)
+	cfg := config(t, exp, dst.Addr)
+	cfg.MaxBytesPerSecond = 4 << 20 // time to look at the socket
+	m, err := mirror.Start(testCtx(t), cfg)
+	require.NoError(t, err)
+	defer m.Break()
+	waitSent(t, m, 0, 1<<20)
+	_, port, err := net.SplitHostPort(dst.Addr)
+	require.NoError(t, err)
+	out := testserver.Run(t, 10*time.Second, ss, "-H", "-t", "-i", "state", "established", "( dport = :"+port+" )")
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	require.Len(t, lines, 2, "the mirror's socket: its address line and its info line:\n%s", out)
+	assert.NotContains(t, strings.Fields(lines[1])[0], "bbr", "the mirror's connection paces:\n%s", out)
 }
