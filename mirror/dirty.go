@@ -43,9 +43,6 @@ func newDirtyMap(size uint64, gran uint64) *dirtyMap {
 	return &dirtyMap{size: size, shift: shift, bits: bitset.New(n)}
 }
 
-// granularity is the size of the block one bit stands for.
-func (d *dirtyMap) granularity() uint64 { return 1 << d.shift }
-
 // blocks returns the bit range covering [off, off+length).
 func (d *dirtyMap) blocks(off, length uint64) (uint, uint) {
 	end := min(off+length, d.size)

@@ -203,21 +203,5 @@ func FreePort(t testing.TB) int {
 	return port
 }
 
-// WaitFile waits until path exists: flexnbd creates its control socket
-// once its NBD port listens.
-func WaitFile(t testing.TB, path string) {
-	t.Helper()
-	deadline := time.Now().Add(Timeout)
-	for {
-		if _, err := os.Stat(path); err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s never appeared", path)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-}
-
 // Itoa is strconv.Itoa, for building argument lists.
 func Itoa(n int) string { return strconv.Itoa(n) }
