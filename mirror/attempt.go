@@ -25,6 +25,8 @@ const (
 	// maxWindow bounds the stretch one worker takes from the dirty map;
 	// within it holes are found with one query.
 	maxWindow = 64 << 20
+	// maxPreFlushes bounds the flushes sent before a freeze.
+	maxPreFlushes = 4
 	// confirmTries bounds the attempts to confirm a hand-off whose DISC
 	// was sent but not seen arriving.
 	confirmTries = 3
@@ -203,14 +205,34 @@ func (a *attempt) flush(ctx context.Context) error {
 	return nil
 }
 
+// preFlush flushes the destination while clients still run, so that the
+// flush inside the freeze has little left to write out. Writes keep
+// arriving while it runs (forwarded ones in active mode), and a flush
+// costs in proportion to what it finds, so it repeats until one is done
+// within the freeze target: each finds what arrived during the last.
+// It returns how many it sent.
+func (a *attempt) preFlush(ctx context.Context) (int, error) {
+	n := 0
+	for n < maxPreFlushes {
+		start := time.Now()
+		n++
+		if err := a.flush(ctx); err != nil {
+			return n, err
+		}
+		if time.Since(start) <= a.m.cfg.FreezeTarget {
+			break
+		}
+	}
+	return n, nil
+}
+
 // freeze holds the clients, copies what is left, has the destination
 // flush, and hands off. Any failure before the hand-off resumes the held
 // requests on the source: nothing is lost and no client sees an error.
 func (a *attempt) freeze(ctx context.Context) error {
 	m := a.m
-	// A flush first, while clients still run, so that the one inside the
-	// freeze has little left to write out.
-	if err := a.flush(ctx); err != nil {
+	preFlushes, err := a.preFlush(ctx)
+	if err != nil {
 		return err
 	}
 	if left := m.dirty.dirtyBytes(); left > a.freezeThreshold() && m.Mode() != ModeActive {
@@ -219,7 +241,7 @@ func (a *attempt) freeze(ctx context.Context) error {
 	// The freeze starts now: from here new client requests wait.
 	start := time.Now()
 	hctx, cancel := context.WithTimeout(ctx, m.cfg.HoldTimeout)
-	err := m.cfg.Export.Hold(hctx)
+	err = m.cfg.Export.Hold(hctx)
 	cancel()
 	if err != nil {
 		if ctx.Err() != nil {
@@ -271,7 +293,7 @@ func (a *attempt) freeze(ctx context.Context) error {
 	}
 	freeze := time.Since(start)
 	m.lastFreeze.Store(int64(freeze))
-	m.log.Info().Dur("freeze", freeze).Uint64("final_bytes", left).
+	m.log.Info().Dur("freeze", freeze).Uint64("final_bytes", left).Int("pre_flushes", preFlushes).
 		Dur("hold_wait", held.Sub(start)).Dur("final_copy", copied.Sub(held)).
 		Dur("final_flush", flushed.Sub(copied)).Dur("disc", time.Since(flushed)).
 		Msg("hand-off complete")

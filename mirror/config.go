@@ -93,7 +93,7 @@ type Config struct {
 const (
 	DefaultChunkSize   = 1 << 20
 	DefaultDepth       = 8
-	DefaultGranularity = 64 << 10
+	DefaultGranularity = 16 << 10
 )
 
 // RequestLimitEnv overrides the default request timeout, in seconds
