@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -40,6 +41,9 @@ type attempt struct {
 	// what the destination offers
 	zeroes      bool
 	blockStatus bool
+	// file, when set, is where WRITE payloads are taken from by the
+	// kernel (sendfile) instead of being read into a buffer.
+	file *os.File
 	// fail ends the attempt with an error (from the write hook too).
 	fail context.CancelCauseFunc
 	// rate is the copy speed measured over the passes, in bytes/s.
@@ -74,6 +78,9 @@ func (m *Mirror) attempt(parent context.Context, c *nbd.Client) error {
 		fail:        fail,
 		flushKick:   make(chan struct{}, 1),
 	}
+	if fe, ok := m.cfg.Export.(FileExport); ok && !m.cfg.NoSendFile && c.CanSendFile() {
+		a.file = fe.SourceFile()
+	}
 	go a.flusher(ctx)
 	defer func() {
 		m.fwd.Store(nil)
@@ -82,7 +89,7 @@ func (m *Mirror) attempt(parent context.Context, c *nbd.Client) error {
 		c.Abort()
 	}()
 	m.log.Info().Str("target", m.cfg.Target).Bool("write_zeroes", a.zeroes).
-		Bool("block_status", a.blockStatus).Bool("oldstyle", c.Session().Oldstyle).Msg("migration attempt started")
+		Bool("block_status", a.blockStatus).Bool("sendfile", a.file != nil).Bool("oldstyle", c.Session().Oldstyle).Msg("migration attempt started")
 
 	m.dirty.markAll()
 	m.setMode(ModeCopy)

@@ -35,6 +35,14 @@ type Export interface {
 	DropHeld()
 }
 
+// FileExport is an Export whose data lives in a file the kernel can send
+// from directly: the copy then uses sendfile(2) rather than a read into a
+// buffer and a write from it. SourceFile returns nil when it cannot.
+type FileExport interface {
+	Export
+	SourceFile() *os.File
+}
+
 // Finish is what the source does once the destination has taken over.
 type Finish int
 
@@ -85,6 +93,9 @@ type Config struct {
 	ChunkSize   uint64 // bytes per WRITE; default DefaultChunkSize
 	Depth       int    // WRITEs in flight; default DefaultDepth
 	Granularity uint64 // bytes per dirty bit; default DefaultGranularity
+	// NoSendFile makes the copy read into buffers even where the export
+	// offers its file (benchmarks compare the two).
+	NoSendFile bool
 
 	Logger zerolog.Logger
 }
@@ -154,6 +165,14 @@ type ServedExport struct {
 
 // ReadAt implements Export; blocking is fine for a copy.
 func (e ServedExport) ReadAt(p []byte, off uint64) error { return e.Backend.ReadAt(p, off, false) }
+
+// SourceFile implements FileExport when the backend is a plain file.
+func (e ServedExport) SourceFile() *os.File {
+	if f, ok := e.Backend.(*server.File); ok {
+		return f.OSFile()
+	}
+	return nil
+}
 
 // Extents implements Export.
 func (e ServedExport) Extents(off, length uint64, fn func(off, length uint64, hole bool) bool) error {

@@ -60,9 +60,25 @@ func (a *attempt) settle(progress *atomic.Uint64, n uint64) {
 	}
 }
 
-// copyData sends [off, off+n) in WRITEs of at most one chunk.
+// copyData sends [off, off+n) in WRITEs of at most one chunk, with their
+// payload taken from the source file by the kernel where it can.
 func (a *attempt) copyData(ctx context.Context, off, n uint64, progress *atomic.Uint64, limited bool) error {
 	chunk := a.m.cfg.ChunkSize
+	if a.file != nil {
+		for n > 0 {
+			k := min(n, chunk)
+			err := a.send(ctx, off, k, limited, func(rctx context.Context) error {
+				return a.c.WriteFile(rctx, a.file, int64(off), uint32(k), off, 0)
+			})
+			if err != nil {
+				return err
+			}
+			a.settle(progress, k)
+			off += k
+			n -= k
+		}
+		return nil
+	}
 	bp := a.m.getBuf()
 	defer a.m.bufs.Put(bp)
 	for n > 0 {
@@ -81,20 +97,28 @@ func (a *attempt) copyData(ctx context.Context, off, n uint64, progress *atomic.
 	return nil
 }
 
-// write sends one WRITE and waits for its reply.
+// write sends one WRITE of p and waits for its reply.
 func (a *attempt) write(ctx context.Context, p []byte, off uint64, limited bool) error {
+	return a.send(ctx, off, uint64(len(p)), limited, func(rctx context.Context) error {
+		return a.c.Write(rctx, p, off, 0)
+	})
+}
+
+// send runs one WRITE of n bytes at off through do, paced by the speed
+// limit when limited, and counts it for the background flusher.
+func (a *attempt) send(ctx context.Context, off, n uint64, limited bool, do func(context.Context) error) error {
 	if limited {
-		if err := a.m.lim.wait(ctx, uint64(len(p))); err != nil {
+		if err := a.m.lim.wait(ctx, n); err != nil {
 			return err
 		}
 	}
 	rctx, cancel := context.WithTimeout(ctx, a.m.cfg.RequestTimeout)
 	defer cancel()
-	if err := a.c.Write(rctx, p, off, 0); err != nil {
-		return fmt.Errorf("mirror: write %d bytes at %d: %w", len(p), off, err)
+	if err := do(rctx); err != nil {
+		return fmt.Errorf("mirror: write %d bytes at %d: %w", n, off, err)
 	}
-	a.m.sent.Add(uint64(len(p)))
-	if a.unflushed.Add(uint64(len(p))) >= flushEvery {
+	a.m.sent.Add(n)
+	if a.unflushed.Add(n) >= flushEvery {
 		select {
 		case a.flushKick <- struct{}{}:
 		default:

@@ -18,9 +18,20 @@ import (
 	"github.com/flexnbd/flexnbd/server"
 )
 
+// copyPaths runs a test with the copy's payloads sent from the file by
+// the kernel (the default) and read into buffers.
+func copyPaths(t *testing.T, run func(t *testing.T, noSendFile bool)) {
+	t.Run("sendfile", func(t *testing.T) { run(t, false) })
+	t.Run("buffered", func(t *testing.T) { run(t, true) })
+}
+
 // A quiet export arrives whole: data as data, holes as holes, with a
 // tail that is not a multiple of the block sizes involved.
 func TestMigrateCopiesDataAndKeepsHoles(t *testing.T) {
+	copyPaths(t, testMigrateCopiesDataAndKeepsHoles)
+}
+
+func testMigrateCopiesDataAndKeepsHoles(t *testing.T, noSendFile bool) {
 	const size = 48<<20 + 4096*3 + 512
 	fill := map[int64][]byte{
 		0:               random(1, 3<<20),
@@ -33,7 +44,10 @@ func TestMigrateCopiesDataAndKeepsHoles(t *testing.T) {
 	d := &mirror.Destination{}
 	dst := destination(t, size, d)
 
-	m, err := mirror.Start(testCtx(t), config(t, exp, dst.Addr))
+	require.NotNil(t, exp.(mirror.FileExport).SourceFile(), "a served file offers its file to send from")
+	cfg := config(t, exp, dst.Addr)
+	cfg.NoSendFile = noSendFile
+	m, err := mirror.Start(testCtx(t), cfg)
 	require.NoError(t, err)
 	require.NoError(t, waitDone(t, m))
 	waitComplete(t, d)
@@ -50,6 +64,10 @@ func TestMigrateCopiesDataAndKeepsHoles(t *testing.T) {
 // destination after the hand-off, each block in its last acknowledged
 // version; the write held at the hand-off ran nowhere.
 func TestMigrateUnderWritesLosesNothing(t *testing.T) {
+	copyPaths(t, testMigrateUnderWritesLosesNothing)
+}
+
+func testMigrateUnderWritesLosesNothing(t *testing.T, noSendFile bool) {
 	const size = 64 << 20
 	path := makeFile(t, size, map[int64][]byte{0: random(5, 16<<20)})
 	src, exp := source(t, path)
@@ -67,6 +85,7 @@ func TestMigrateUnderWritesLosesNothing(t *testing.T) {
 
 	cfg := config(t, exp, dst.Addr)
 	cfg.Finish = mirror.FinishExit
+	cfg.NoSendFile = noSendFile
 	m, err := mirror.Start(ctx, cfg)
 	require.NoError(t, err)
 	require.NoError(t, waitDone(t, m))

@@ -350,6 +350,12 @@ func (c *Client) BlockStatus(ctx context.Context, off uint64, length uint32, fla
 // receives READ data and must be req.Length bytes long. A server error is
 // returned as an Errno, or as a *ServerError carrying the server's message.
 func (c *Client) Do(ctx context.Context, req Request, payload, readBuf []byte) ([]Extent, error) {
+	return c.do(ctx, req, payload, nil, readBuf)
+}
+
+// do is Do with the WRITE payload taken either from payload or, when src
+// is not nil, from a file by the kernel.
+func (c *Client) do(ctx context.Context, req Request, payload []byte, src *fileRange, readBuf []byte) ([]Extent, error) {
 	if req.Type == CmdRead && len(readBuf) != int(req.Length) {
 		return nil, fmt.Errorf("nbd: read buffer of %d bytes for a %d-byte read", len(readBuf), req.Length)
 	}
@@ -390,7 +396,12 @@ func (c *Client) Do(ctx context.Context, req Request, payload, readBuf []byte) (
 	if ctx.Done() != nil {
 		stop = context.AfterFunc(ctx, func() { _ = c.conn.SetWriteDeadline(time.Now()) })
 	}
-	_, err := cl.wbufs.WriteTo(c.conn)
+	var err error
+	if src != nil {
+		err = c.sendFromFile(cl.bufs[0], src)
+	} else {
+		_, err = cl.wbufs.WriteTo(c.conn)
+	}
 	if stop != nil {
 		stop()
 	}

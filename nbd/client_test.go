@@ -34,6 +34,12 @@ func newClientPair(t *testing.T, opts ClientOptions) (*Client, *fakeServer) {
 func newClientPairFor(t *testing.T, opts ClientOptions, cfg *ServerConfig) (*Client, *fakeServer) {
 	t.Helper()
 	cc, sc := pipe(t)
+	return newClientPairOn(t, cc, sc, opts, cfg)
+}
+
+// newClientPairOn negotiates a Client on cc with a fake server on sc.
+func newClientPairOn(t *testing.T, cc, sc net.Conn, opts ClientOptions, cfg *ServerConfig) (*Client, *fakeServer) {
+	t.Helper()
 	br := bufio.NewReader(sc)
 	ch := make(chan handshakeResult, 1)
 	go func() {

@@ -88,6 +88,10 @@ func OpenFile(path string, readOnly bool) (*File, error) {
 // Close closes the file.
 func (f *File) Close() error { return f.f.Close() }
 
+// OSFile is the open file, for callers that hand its data to the kernel
+// (a migration's sendfile). It stays owned by f: do not close it.
+func (f *File) OSFile() *os.File { return f.f }
+
 // Size implements Backend.
 func (f *File) Size() uint64 { return f.size }
 
