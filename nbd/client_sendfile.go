@@ -60,58 +60,54 @@ func (c *Client) sendFromFile(hdr []byte, src *fileRange) error {
 	if src.n == 0 {
 		more = 0 // nothing follows to flush the header out
 	}
-	var werr error
-	err = out.Write(func(fd uintptr) bool {
-		for len(hdr) > 0 {
-			n, err := unix.SendmsgN(int(fd), hdr, nil, nil, more|unix.MSG_NOSIGNAL)
+	err = rawSend(out, len(hdr), func(fd int) (int, error) {
+		n, err := unix.SendmsgN(fd, hdr, nil, nil, more|unix.MSG_NOSIGNAL)
+		hdr = hdr[max(n, 0):]
+		return n, err
+	})
+	if err != nil {
+		return err
+	}
+	off, left := src.off, src.n
+	cerr := src.f.Control(func(in uintptr) {
+		err = rawSend(out, left, func(fd int) (int, error) {
+			n, err := unix.Sendfile(fd, int(in), &off, min(left, 1<<30))
+			left -= max(n, 0)
+			return n, err
+		})
+	})
+	if cerr != nil {
+		return cerr
+	}
+	return err
+}
+
+// rawSend calls send until n bytes have gone, waiting in the runtime's
+// poller whenever the socket is full. A call that moves nothing without an
+// error means the source ran out.
+func rawSend(out syscall.RawConn, n int, send func(fd int) (int, error)) error {
+	var serr error
+	err := out.Write(func(fd uintptr) bool {
+		for n > 0 {
+			k, err := send(int(fd))
+			n -= max(k, 0)
 			switch {
 			case errors.Is(err, unix.EAGAIN):
 				return false
 			case errors.Is(err, unix.EINTR):
 				continue
 			case err != nil:
-				werr = err
+				serr = err
+				return true
+			case k == 0:
+				serr = io.ErrUnexpectedEOF
 				return true
 			}
-			hdr = hdr[n:]
 		}
 		return true
 	})
-	if err == nil {
-		err = werr
-	}
 	if err != nil {
 		return err
 	}
-	off, left := src.off, src.n
-	cerr := src.f.Control(func(in uintptr) {
-		err = out.Write(func(fd uintptr) bool {
-			for left > 0 {
-				n, err := unix.Sendfile(int(fd), int(in), &off, min(left, 1<<30))
-				if n > 0 {
-					left -= n
-				}
-				switch {
-				case errors.Is(err, unix.EAGAIN):
-					return false
-				case errors.Is(err, unix.EINTR):
-					continue
-				case err != nil:
-					werr = err
-					return true
-				case n == 0:
-					werr = io.ErrUnexpectedEOF
-					return true
-				}
-			}
-			return true
-		})
-	})
-	switch {
-	case cerr != nil:
-		return cerr
-	case err != nil:
-		return err
-	}
-	return werr
+	return serr
 }

@@ -43,6 +43,14 @@ func testServerConfig() *ServerConfig {
 func pipe(t *testing.T) (client, server net.Conn) {
 	t.Helper()
 	client, server = net.Pipe()
+	bound(t, client, server)
+	return client, server
+}
+
+// bound gives both ends of a test connection a deadline, so a bug fails the
+// test instead of hanging it, and closes them when it ends.
+func bound(t *testing.T, client, server net.Conn) {
+	t.Helper()
 	deadline := time.Now().Add(testTimeout)
 	require.NoError(t, client.SetDeadline(deadline))
 	require.NoError(t, server.SetDeadline(deadline))
@@ -50,7 +58,6 @@ func pipe(t *testing.T) (client, server net.Conn) {
 		client.Close()
 		server.Close()
 	})
-	return client, server
 }
 
 type handshakeResult struct {
