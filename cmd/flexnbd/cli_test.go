@@ -10,7 +10,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -22,6 +21,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/flexnbd/flexnbd/internal/testproc"
 	"github.com/flexnbd/flexnbd/nbd"
 )
 
@@ -32,33 +32,16 @@ var flexnbdBin string
 var raceBuild bool
 
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "flexnbd-cli-test")
+	bin, cleanup, err := testproc.Build(raceBuild)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	flexnbdBin = filepath.Join(dir, "flexnbd")
-	args := []string{"build", "-o", flexnbdBin}
-	if raceBuild {
-		args = append(args, "-race")
-		// A race-enabled program sleeps a second on a successful exit
-		// so that late reports can be printed; the tests wait for each
-		// exit, so that second would be paid dozens of times.
-		os.Setenv("GORACE", strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0"))
-	}
-	// go test puts its own toolchain first on PATH.
-	if out, err := exec.Command("go", append(args, ".")...).CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "building flexnbd: %v\n%s", err, out)
-		os.RemoveAll(dir)
-		os.Exit(1)
-	}
+	flexnbdBin = bin
 	code := m.Run()
-	os.RemoveAll(dir)
+	cleanup()
 	os.Exit(code)
 }
-
-// cmdTimeout bounds one short-lived invocation.
-const cmdTimeout = 60 * time.Second
 
 type result struct {
 	stdout, stderr []byte
@@ -68,21 +51,8 @@ type result struct {
 // runCLI runs flexnbd to completion with stdin as its standard input.
 func runCLI(t *testing.T, stdin []byte, args ...string) result {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), cmdTimeout)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, flexnbdBin, args...)
-	cmd.Stdin = bytes.NewReader(stdin)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
-	require.NoError(t, ctx.Err(), "flexnbd %s timed out", strings.Join(args, " "))
-	code := 0
-	if ee, ok := err.(*exec.ExitError); ok {
-		code = ee.ExitCode()
-	} else {
-		require.NoError(t, err)
-	}
-	return result{stdout.Bytes(), stderr.Bytes(), code}
+	stdout, stderr, code := testproc.Run(t, bytes.NewReader(stdin), flexnbdBin, args...)
+	return result{[]byte(stdout), []byte(stderr), code}
 }
 
 // requireOneLine checks that a failure was reported as one line of text.
@@ -94,77 +64,10 @@ func requireOneLine(t *testing.T, stderr []byte) string {
 	return strings.TrimSuffix(s, "\n")
 }
 
-// lines collects a process's standard error and lets a test wait for a
-// line to appear.
-type lines struct {
-	mu      sync.Mutex
-	partial []byte
-	all     []string
-	changed chan struct{} // closed and replaced on every new line
-}
-
-func newLines() *lines { return &lines{changed: make(chan struct{})} }
-
-func (l *lines) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.partial = append(l.partial, p...)
-	for {
-		i := bytes.IndexByte(l.partial, '\n')
-		if i < 0 {
-			break
-		}
-		l.all = append(l.all, string(l.partial[:i]))
-		l.partial = l.partial[i+1:]
-		close(l.changed)
-		l.changed = make(chan struct{})
-	}
-	return len(p), nil
-}
-
-// text returns everything written so far, unfinished line included.
-func (l *lines) text() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	s := strings.Join(l.all, "\n")
-	if len(l.all) > 0 {
-		s += "\n"
-	}
-	return s + string(l.partial)
-}
-
-// waitFor returns the first line containing substr, waiting until one is
-// written, stop is closed, or the timeout passes.
-func (l *lines) waitFor(substr string, stop <-chan struct{}, timeout time.Duration) (string, bool) {
-	timer := time.NewTimer(timeout)
-	defer timer.Stop()
-	for {
-		l.mu.Lock()
-		for _, s := range l.all {
-			if strings.Contains(s, substr) {
-				l.mu.Unlock()
-				return s, true
-			}
-		}
-		changed := l.changed
-		l.mu.Unlock()
-		select {
-		case <-changed:
-		case <-stop:
-			return "", false
-		case <-timer.C:
-			return "", false
-		}
-	}
-}
-
 // serveProc is a `flexnbd serve` process.
 type serveProc struct {
-	cmd    *exec.Cmd
-	port   int
-	stderr *lines
-	done   chan struct{} // closed when the process has exited
-	code   int
+	*testproc.Proc
+	port int
 }
 
 // addr is the server's host:port.
@@ -173,30 +76,8 @@ func (p *serveProc) addr() string { return net.JoinHostPort("127.0.0.1", strconv
 // stop sends sig and returns the exit status.
 func (p *serveProc) stop(t *testing.T, sig syscall.Signal) int {
 	t.Helper()
-	require.NoError(t, p.cmd.Process.Signal(sig))
-	return p.wait(t)
-}
-
-func (p *serveProc) wait(t *testing.T) int {
-	t.Helper()
-	select {
-	case <-p.done:
-		return p.code
-	case <-time.After(cmdTimeout):
-		t.Fatalf("flexnbd serve did not exit\n%s", p.stderr.text())
-		return -1
-	}
-}
-
-// freePort returns a port that was free a moment ago; the caller retries
-// if someone else takes it first.
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	port := l.Addr().(*net.TCPAddr).Port
-	require.NoError(t, l.Close())
-	return port
+	p.Signal(t, sig)
+	return p.Wait(t)
 }
 
 // startServe runs `flexnbd serve` on file and a free port and returns once
@@ -206,38 +87,20 @@ func freePort(t *testing.T) int {
 func startServe(t *testing.T, file string, quiet bool, extra ...string) *serveProc {
 	t.Helper()
 	for attempt := 0; attempt < 5; attempt++ {
-		p := &serveProc{port: freePort(t), stderr: newLines(), done: make(chan struct{})}
+		p := &serveProc{port: testproc.FreePort(t)}
 		args := []string{"serve", "--addr", "127.0.0.1", "--port", strconv.Itoa(p.port), "--file", file}
 		if quiet {
 			args = append(args, "-q")
 		} else {
 			args = append(args, "-v", "--log-format", "json")
 		}
-		p.cmd = exec.Command(flexnbdBin, append(args, extra...)...)
-		p.cmd.Stderr = p.stderr
-		require.NoError(t, p.cmd.Start())
-		go func() {
-			err := p.cmd.Wait()
-			p.code = 0
-			if ee, ok := err.(*exec.ExitError); ok {
-				p.code = ee.ExitCode()
-			}
-			close(p.done)
-		}()
-		t.Cleanup(func() {
-			select {
-			case <-p.done:
-			default:
-				_ = p.cmd.Process.Kill()
-				<-p.done
-			}
-		})
+		p.Proc = testproc.Start(t, "", flexnbdBin, append(args, extra...)...)
 		if p.ready(quiet) {
 			return p
 		}
-		<-p.done
-		if !strings.Contains(p.stderr.text(), "address already in use") {
-			t.Fatalf("flexnbd serve exited with %d before serving:\n%s", p.code, p.stderr.text())
+		code := p.Wait(t)
+		if !strings.Contains(p.Stderr.Text(), "address already in use") {
+			t.Fatalf("flexnbd serve exited with %d before serving:\n%s", code, p.Stderr.Text())
 		}
 	}
 	t.Fatal("no free port after 5 attempts")
@@ -246,12 +109,12 @@ func startServe(t *testing.T, file string, quiet bool, extra ...string) *servePr
 
 func (p *serveProc) ready(quiet bool) bool {
 	if !quiet {
-		_, ok := p.stderr.waitFor(`"message":"serving"`, p.done, cmdTimeout)
+		_, ok := p.Stderr.Line(`"message":"serving"`, p.Done(), testproc.Timeout)
 		return ok
 	}
 	for i := 0; i < 500; i++ {
 		select {
-		case <-p.done:
+		case <-p.Done():
 			return false
 		default:
 		}
@@ -331,7 +194,7 @@ func TestReadWriteErrors(t *testing.T) {
 	const exportSize = 8 << 20
 	path := scratch(t, exportSize, nil)
 	p := startServe(t, path, false)
-	closed := &serveProc{port: freePort(t)} // nobody listens there
+	closed := &serveProc{port: testproc.FreePort(t)} // nobody listens there
 
 	tests := []struct {
 		name  string
@@ -363,7 +226,7 @@ func TestReadWriteErrors(t *testing.T) {
 // line on stderr, before anything is served.
 func TestUsageErrors(t *testing.T) {
 	file := scratch(t, 1<<20, nil)
-	port := strconv.Itoa(freePort(t))
+	port := strconv.Itoa(testproc.FreePort(t))
 	tests := []struct {
 		name string
 		args []string
@@ -433,7 +296,7 @@ func TestServeSignals(t *testing.T) {
 			const piece, pieces = 256 << 10, 64
 			path := scratch(t, pieces*piece, nil)
 			p := startServe(t, path, false)
-			ctx, cancel := context.WithTimeout(context.Background(), cmdTimeout)
+			ctx, cancel := context.WithTimeout(context.Background(), testproc.Timeout)
 			defer cancel()
 			c, err := nbd.Dial(ctx, "tcp", p.addr(), nil)
 			require.NoError(t, err)
@@ -459,7 +322,7 @@ func TestServeSignals(t *testing.T) {
 			case <-ctx.Done():
 				t.Fatal("no write was acknowledged")
 			}
-			require.Zero(t, p.stop(t, sig), p.stderr.text())
+			require.Zero(t, p.stop(t, sig), p.Stderr.Text())
 			wg.Wait()
 
 			f, err := os.ReadFile(path)
@@ -472,8 +335,8 @@ func TestServeSignals(t *testing.T) {
 				}
 			}
 			t.Logf("%d of %d writes acknowledged before the connection closed", n, pieces)
-			_, ok := p.stderr.waitFor(`"message":"stopped"`, p.done, time.Second)
-			assert.True(t, ok, "the server logged a clean stop:\n%s", p.stderr.text())
+			_, ok := p.Stderr.Line(`"message":"stopped"`, p.Done(), time.Second)
+			assert.True(t, ok, "the server logged a clean stop:\n%s", p.Stderr.Text())
 		})
 	}
 }
@@ -538,7 +401,7 @@ func TestServeLogging(t *testing.T) {
 		r := runCLI(t, nil, rw("read", p, 0, 8192)...)
 		require.Zero(t, r.code, "%s", r.stderr)
 		require.Zero(t, p.stop(t, syscall.SIGTERM))
-		assert.Empty(t, p.stderr.text())
+		assert.Empty(t, p.Stderr.Text())
 	})
 
 	t.Run("verbose json", func(t *testing.T) {
@@ -547,7 +410,7 @@ func TestServeLogging(t *testing.T) {
 		w := runCLI(t, make([]byte, 8192), rw("write", p, 0, 8192)...)
 		require.Zero(t, w.code, "%s", w.stderr)
 		require.Zero(t, p.stop(t, syscall.SIGTERM))
-		text := p.stderr.text()
+		text := p.Stderr.Text()
 		require.True(t, strings.HasSuffix(text, "\n"), "the log ends with a whole line")
 		var messages []string
 		for _, line := range strings.Split(strings.TrimSuffix(text, "\n"), "\n") {

@@ -1,42 +1,22 @@
 package main
 
 import (
-	"bufio"
-	"bytes"
-	"context"
 	"encoding/json"
-	"errors"
 	"io"
 	"io/fs"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
-	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
-	"time"
 
 	"github.com/stretchr/testify/require"
-)
 
-// ctlBuild builds the flexnbd binary into dir.
-func ctlBuild(t *testing.T, dir string) string {
-	t.Helper()
-	goTool, err := exec.LookPath("go")
-	if err != nil {
-		goTool = filepath.Join(runtime.GOROOT(), "bin", "go")
-	}
-	bin := filepath.Join(dir, "flexnbd")
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, goTool, "build", "-o", bin, ".").CombinedOutput()
-	require.NoError(t, err, "go build: %s", out)
-	return bin
-}
+	"github.com/flexnbd/flexnbd/internal/testproc"
+)
 
 // ctlResult is how a command ended.
 type ctlResult struct {
@@ -45,93 +25,41 @@ type ctlResult struct {
 }
 
 // ctlRun runs the binary to completion.
-func ctlRun(t *testing.T, bin string, args ...string) ctlResult {
+func ctlRun(t *testing.T, args ...string) ctlResult {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), ctlTimeout)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, bin, args...)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
-	require.NoError(t, ctx.Err(), "%v did not finish", args)
-	code := 0
-	var ee *exec.ExitError
-	if errors.As(err, &ee) {
-		code = ee.ExitCode()
-	} else {
-		require.NoError(t, err)
-	}
-	return ctlResult{stdout.String(), stderr.String(), code}
+	stdout, stderr, code := testproc.Run(t, nil, flexnbdBin, args...)
+	return ctlResult{stdout, stderr, code}
 }
 
 // ctlProcess is a running `flexnbd serve --sock`.
 type ctlProcess struct {
-	cmd    *exec.Cmd
-	addr   string // NBD listen address
-	exited chan error
+	*testproc.Proc
+	addr string // NBD listen address
 }
 
 // ctlStartServe starts serve on a fresh export and returns once its log
 // says the control socket is ready.
-func ctlStartServe(t *testing.T, bin, sock string) *ctlProcess {
+func ctlStartServe(t *testing.T, sock string) *ctlProcess {
 	t.Helper()
 	img := filepath.Join(t.TempDir(), "export.img")
 	require.NoError(t, os.WriteFile(img, make([]byte, 1<<20), 0o644))
-	cmd := exec.Command(bin, "serve", "-l", "127.0.0.1", "-p", "0", "-f", img, "-s", sock, "-v", "--log-format", "json")
-	stderr, err := cmd.StderrPipe()
-	require.NoError(t, err)
-	require.NoError(t, cmd.Start())
-	p := &ctlProcess{cmd: cmd, exited: make(chan error, 1)}
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		<-p.exited
-	})
-
-	ready := make(chan error, 1)
-	go func() {
-		sc := bufio.NewScanner(stderr)
-		for sc.Scan() {
-			var ev struct{ Message, Listen string }
-			if json.Unmarshal(sc.Bytes(), &ev) != nil {
-				continue
-			}
-			switch ev.Message {
-			case "serving":
-				p.addr = ev.Listen
-			case "control socket ready":
-				ready <- nil
-			}
-		}
-		ready <- errors.New("serve ended before its control socket was ready")
-		_, _ = io.Copy(io.Discard, stderr)
-		p.exited <- cmd.Wait()
-	}()
-	select {
-	case err := <-ready:
-		require.NoError(t, err)
-	case <-time.After(ctlTimeout):
-		t.Fatal("serve did not get ready")
-	}
+	p := &ctlProcess{Proc: testproc.Start(t, "", flexnbdBin,
+		"serve", "-l", "127.0.0.1", "-p", "0", "-f", img, "-s", sock, "-v", "--log-format", "json")}
+	_, ok := p.Stderr.Line(`"message":"control socket ready"`, p.Done(), testproc.Timeout)
+	require.True(t, ok, "serve did not get ready:\n%s", p.Stderr.Text())
+	line, ok := p.Stderr.Line(`"message":"serving"`, p.Done(), testproc.Timeout)
+	require.True(t, ok, "serve did not log its address:\n%s", p.Stderr.Text())
+	var ev struct{ Listen string }
+	require.NoError(t, json.Unmarshal([]byte(line), &ev))
+	p.addr = ev.Listen
 	return p
 }
 
 // stop sends SIGTERM and returns the exit code.
 func (p *ctlProcess) stop(t *testing.T) int {
 	t.Helper()
-	require.NoError(t, p.cmd.Process.Signal(syscall.SIGTERM))
-	select {
-	case err := <-p.exited:
-		p.exited <- err // for the cleanup
-		var ee *exec.ExitError
-		if errors.As(err, &ee) {
-			return ee.ExitCode()
-		}
-		require.NoError(t, err)
-		return 0
-	case <-time.After(ctlTimeout):
-		t.Fatal("serve did not stop")
-		return -1
-	}
+	p.Signal(t, syscall.SIGTERM)
+	return p.Wait(t)
 }
 
 // TestCLIControl runs the control modes of the real binary against a real
@@ -140,17 +68,16 @@ func TestCLIControl(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and runs the binary")
 	}
-	bin := ctlBuild(t, t.TempDir())
 	sock := filepath.Join(t.TempDir(), "ctl.sock")
-	p := ctlStartServe(t, bin, sock)
-	pid := strconv.Itoa(p.cmd.Process.Pid)
+	p := ctlStartServe(t, sock)
+	pid := strconv.Itoa(p.Cmd.Process.Pid)
 
 	t.Run("socket is private and the NBD port already listens", func(t *testing.T) {
 		fi, err := os.Lstat(sock)
 		require.NoError(t, err)
 		require.Equal(t, fs.ModeSocket, fi.Mode().Type())
 		require.Equal(t, fs.FileMode(0o600), fi.Mode().Perm())
-		c, err := net.DialTimeout("tcp", p.addr, ctlTimeout)
+		c, err := net.DialTimeout("tcp", p.addr, testproc.Timeout)
 		require.NoError(t, err)
 		c.Close()
 	})
@@ -179,7 +106,7 @@ func TestCLIControl(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			r := ctlRun(t, bin, tt.args...)
+			r := ctlRun(t, tt.args...)
 			require.Equal(t, tt.code, r.code, "stdout %q stderr %q", r.stdout, r.stderr)
 			for _, s := range []struct {
 				name, got string
@@ -195,14 +122,14 @@ func TestCLIControl(t *testing.T) {
 	}
 
 	t.Run("status --json", func(t *testing.T) {
-		r := ctlRun(t, bin, "status", "-s", sock, "--json")
+		r := ctlRun(t, "status", "-s", sock, "--json")
 		require.Equal(t, 0, r.code, r.stderr)
 		require.Empty(t, r.stderr)
 		require.True(t, strings.HasSuffix(r.stdout, "}\n"), "one JSON object on one line")
 		require.Equal(t, 1, strings.Count(r.stdout, "\n"))
 		var st map[string]any
 		require.NoError(t, json.Unmarshal([]byte(r.stdout), &st))
-		require.Equal(t, float64(p.cmd.Process.Pid), st["pid"])
+		require.Equal(t, float64(p.Cmd.Process.Pid), st["pid"])
 		require.Equal(t, float64(1<<20), st["size"])
 		require.Equal(t, false, st["is_mirroring"])
 		require.Equal(t, true, st["has_control"])
@@ -214,10 +141,10 @@ func TestCLIControl(t *testing.T) {
 	t.Run("a second instance on the live socket fails", func(t *testing.T) {
 		img := filepath.Join(t.TempDir(), "other.img")
 		require.NoError(t, os.WriteFile(img, make([]byte, 4096), 0o644))
-		r := ctlRun(t, bin, "serve", "-l", "127.0.0.1", "-p", "0", "-f", img, "-s", sock)
+		r := ctlRun(t, "serve", "-l", "127.0.0.1", "-p", "0", "-f", img, "-s", sock)
 		require.Equal(t, 1, r.code)
 		require.Contains(t, r.stderr, "in use by a running process")
-		require.Equal(t, 0, ctlRun(t, bin, "status", "-s", sock).code, "the first instance still answers")
+		require.Equal(t, 0, ctlRun(t, "status", "-s", sock).code, "the first instance still answers")
 	})
 
 	t.Run("socket removed on exit", func(t *testing.T) {
@@ -233,10 +160,10 @@ func TestCLIControl(t *testing.T) {
 		l.SetUnlinkOnClose(false)
 		require.NoError(t, l.Close())
 
-		p := ctlStartServe(t, bin, stale)
-		r := ctlRun(t, bin, "status", "-s", stale)
+		p := ctlStartServe(t, stale)
+		r := ctlRun(t, "status", "-s", stale)
 		require.Equal(t, 0, r.code, r.stderr)
-		require.Contains(t, r.stdout, "pid="+strconv.Itoa(p.cmd.Process.Pid)+" ")
+		require.Contains(t, r.stdout, "pid="+strconv.Itoa(p.Cmd.Process.Pid)+" ")
 		require.Equal(t, 0, p.stop(t))
 	})
 
@@ -245,7 +172,7 @@ func TestCLIControl(t *testing.T) {
 		require.NoError(t, os.WriteFile(path, []byte("keep me"), 0o644))
 		img := filepath.Join(t.TempDir(), "x.img")
 		require.NoError(t, os.WriteFile(img, make([]byte, 4096), 0o644))
-		r := ctlRun(t, bin, "serve", "-l", "127.0.0.1", "-p", "0", "-f", img, "-s", path)
+		r := ctlRun(t, "serve", "-l", "127.0.0.1", "-p", "0", "-f", img, "-s", path)
 		require.Equal(t, 1, r.code)
 		require.Contains(t, r.stderr, "not a socket")
 		data, err := os.ReadFile(path)
@@ -274,7 +201,7 @@ func TestCLIControl(t *testing.T) {
 				defer c.Close()
 				_, _ = io.WriteString(c, tt.answer)
 			}()
-			r := ctlRun(t, bin, "break", "-s", path)
+			r := ctlRun(t, "break", "-s", path)
 			l.Close()
 			require.Equal(t, tt.code, r.code, tt.answer)
 			require.Empty(t, r.stdout)

@@ -168,6 +168,41 @@ func (l *Lines) WaitFor(t testing.TB, substr string) {
 	}
 }
 
+// Line returns the first complete line containing substr, waiting until
+// one is written, stop is closed, or timeout passes.
+func (l *Lines) Line(substr string, stop <-chan struct{}, timeout time.Duration) (string, bool) {
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
+	find := func() (string, bool, chan struct{}) {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		text := l.buf.String()
+		if i := strings.LastIndexByte(text, '\n'); i >= 0 {
+			for _, line := range strings.Split(text[:i], "\n") {
+				if strings.Contains(line, substr) {
+					return line, true, nil
+				}
+			}
+		}
+		return "", false, l.changed
+	}
+	for {
+		line, ok, changed := find()
+		if ok {
+			return line, true
+		}
+		select {
+		case <-changed:
+		case <-stop:
+			// The line may have come just before the end.
+			line, ok, _ = find()
+			return line, ok
+		case <-timer.C:
+			return "", false
+		}
+	}
+}
+
 // Run runs a command to completion and returns its stdout, stderr and
 // exit status.
 func Run(t testing.TB, stdin io.Reader, name string, args ...string) (string, string, int) {
