@@ -10,7 +10,9 @@
 // with every bit set; each worker takes a run of dirty blocks, clears
 // their bits and only then reads them, so a write that lands meanwhile
 // sets them again and a later pass copies them again. Data goes as
-// WRITEs of ChunkSize bytes, Depth of them in flight; holes go as
+// WRITEs of ChunkSize bytes, Depth of them in flight, their payloads sent
+// from the source file by the kernel (sendfile) when the export is a
+// file served over a socket (FileExport), else read into buffers; holes go as
 // WRITE_ZEROES, or not at all where the destination's BLOCK_STATUS says it
 // reads zeroes already, or as zero data to a destination without
 // WRITE_ZEROES (the C flexnbd's listen, which keeps zero blocks sparse).
@@ -24,7 +26,9 @@
 // carry older data and land later). After at most three active passes the
 // freeze begins whatever is left.
 //
-// The freeze: flush the destination while clients still run, hold new
+// The freeze: flush the destination while clients still run (again until
+// a flush is done within FreezeTarget, so that the one inside the freeze
+// finds little to write), hold new
 // client requests and wait for the running ones (Export.Hold), copy what
 // is dirty without the speed limit, flush the destination again, remove
 // the source file (FinishUnlink), send DISC and confirm that the

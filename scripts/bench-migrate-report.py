@@ -198,13 +198,17 @@ def copy_tables(rows):
 
     errors = [r for r in rows if r["error"]]
     out = []
-    if any(w == "random1g" for w, _ in by):
+    titles = {"random1g": "random1g: 1 GiB of random data",
+              "random1g-mem": "random1g-mem: the same into destinations in memory (tmpfs)"}
+    for wl in ("random1g", "random1g-mem"):
+        if not any(w == wl for w, _ in by):
+            continue
         size = 1 << 30
-        flex = ok_secs("random1g", "flexnbd")
-        peers = [s for s in ("nbdcopy", "nbdcopy-flush") if ("random1g", s) in by]
+        flex = ok_secs(wl, "flexnbd")
+        peers = [s for s in ("nbdcopy", "nbdcopy-flush") if (wl, s) in by]
         subjects = ["flexnbd"] + peers
         names = {"flexnbd": "flexnbd migration", "nbdcopy": "nbdcopy", "nbdcopy-flush": "nbdcopy --flush"}
-        out.append("### random1g: 1 GiB of random data (median over rounds)")
+        out.append(f"### {titles[wl]} (median over rounds)")
         out.append("")
         out.append("| |" + "".join(f" {names[s]} |" for s in subjects))
         out.append("|---" * (1 + len(subjects)) + "|")
@@ -213,27 +217,27 @@ def copy_tables(rows):
             out.append(f"| {label} |" + "".join(f" {fn(s)} |" for s in subjects))
 
         def med_col(s, key):
-            vals = [num(v[key]) for v in by.get(("random1g", s), {}).values() if not v["error"]]
+            vals = [num(v[key]) for v in by.get((wl, s), {}).values() if not v["error"]]
             return median([v for v in vals if v is not None])
 
         def secs(s):
-            return list(ok_secs("random1g", s).values())
+            return list(ok_secs(wl, s).values())
 
         line("time", lambda s: f_s(median(secs(s))))
         line("MiB/s", lambda s: f"{size / 1048576 / median(secs(s)):.0f}" if secs(s) else "n/a")
         line("spread", lambda s: f"{spread(secs(s)):.0f}%" if secs(s) else "n/a")
         line("rounds (s)", lambda s: " / ".join(
-            f"{v:.2f}" for _, v in sorted(ok_secs("random1g", s).items())) or "n/a")
+            f"{v:.2f}" for _, v in sorted(ok_secs(wl, s).items())) or "n/a")
         line("CPU · others", lambda s: "n/a" if med_col(s, "cpu_pct") is None else
              f"{med_col(s, 'cpu_pct'):.0f}% · {med_col(s, 'others_pct'):.0f}%")
-        flex_rows = by.get(("random1g", "flexnbd"), {})
+        flex_rows = by.get((wl, "flexnbd"), {})
         mir = [num(v["mirror_ms"]) for v in flex_rows.values() if not v["error"] and num(v["mirror_ms"])]
         frz = [num(v["freeze_ms"]) for v in flex_rows.values() if not v["error"] and num(v["freeze_ms"])]
         out.append("")
         for s in peers:
-            ratios = [ok_secs("random1g", s)[k] / flex[k] for k in flex if k in ok_secs("random1g", s)]
+            ratios = [ok_secs(wl, s)[k] / flex[k] for k in flex if k in ok_secs(wl, s)]
             name = "nbdcopy --flush" if s == "nbdcopy-flush" else "nbdcopy"
-            target = " (target: at least 1.0)" if s == "nbdcopy" else ""
+            target = " (target: at least 1.0)" if s == "nbdcopy" and wl == "random1g" else ""
             out.append(f"- flexnbd throughput / {name} throughput: {f_ratio(median(ratios))}{target}, "
                        f"median of {len(ratios)} per-round ratios"
                        f" ({', '.join(f'{x:.2f}' for x in ratios)})")

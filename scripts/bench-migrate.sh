@@ -8,6 +8,10 @@
 #              exited, against nbdcopy of the same file into nbdkit's file
 #              plugin (and nbdcopy --flush, which like the migration makes
 #              the copy durable)
+#   random1g-mem  the same, with both destination files in memory (MEM_DIR,
+#              a tmpfs): no disk under the destinations, so the times
+#              compare the copies themselves, the migration's FLUSH and
+#              nbdcopy --flush costing nothing
 #   sparse16g  a 16 GiB sparse file holding 64 MiB of random data in 64
 #              pieces of 1 MiB, against dense64m, the same 64 MiB as one
 #              file: migration time of each
@@ -26,7 +30,8 @@
 #
 # Environment:
 #   ROUNDS=5              rounds
-#   WORKLOADS="random1g sparse16g stall"
+#   WORKLOADS="random1g random1g-mem sparse16g stall"
+#   MEM_DIR=/dev/shm      where random1g-mem puts its destinations
 #   NBDCOPY_FLUSH=1       also time nbdcopy --flush in random1g (0: skip)
 #   VERIFY=1              compare the destination with the source after every
 #                         copy (not timed); migload reads its blocks back
@@ -55,7 +60,8 @@ REPORT="/usr/bin/python3 $ROOT/scripts/bench-migrate-report.py"
 export PATH=$PATH:/usr/sbin:/sbin:/usr/local/go/bin
 
 ROUNDS=${ROUNDS:-5}
-WORKLOADS=${WORKLOADS:-"random1g sparse16g stall"}
+WORKLOADS=${WORKLOADS:-"random1g random1g-mem sparse16g stall"}
+MEM_DIR=${MEM_DIR:-/dev/shm}
 NBDCOPY_FLUSH=${NBDCOPY_FLUSH:-1}
 VERIFY=${VERIFY:-1}
 STALL_CONNS=${STALL_CONNS:-8}
@@ -81,8 +87,8 @@ fail() {
 
 for wl in $WORKLOADS; do
     case $wl in
-    random1g | sparse16g | stall) ;;
-    *) fail "unknown workload '$wl' (known: random1g sparse16g stall)" ;;
+    random1g | random1g-mem | sparse16g | stall) ;;
+    *) fail "unknown workload '$wl' (known: random1g random1g-mem sparse16g stall)" ;;
     esac
 done
 [ -x "$FLEXNBD" ] || fail "$FLEXNBD not found; run 'make build' or use 'make bench-migrate'"
@@ -94,6 +100,7 @@ done
 
 CHILDREN=() # every process started in the background, by pid
 TMP=
+MEMTMP=
 
 cleanup() {
     local p alive t=0
@@ -116,6 +123,7 @@ cleanup() {
     done
     wait 2>/dev/null || true
     [ -z "$TMP" ] || rm -rf "$TMP"
+    [ -z "$MEMTMP" ] || rm -rf "$MEMTMP"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -258,10 +266,11 @@ check_copy() {
     $REPORT same "$1" "$2"
 }
 
-# migrate ROUND WORKLOAD SUBJECT SRC: one timed migration of SRC into a
-# fresh file, from `mirror --wait` until serve and listen have exited.
+# migrate ROUND WORKLOAD SUBJECT SRC [DIR]: one timed migration of SRC into
+# a fresh file in DIR ($TMP by default), from `mirror --wait` until serve
+# and listen have exited.
 migrate() {
-    local r=$1 wl=$2 subj=$3 src=$4 dst=$TMP/dst.img log=$OUT/$2.$3.r$1 sport dport serve listen
+    local r=$1 wl=$2 subj=$3 src=$4 dst=${5:-$TMP}/dst.img log=$OUT/$2.$3.r$1 sport dport serve listen
     local err= mirror_ms= freeze_ms= copy_ms tail_ms rc_mirror rc_serve rc_listen size
     size=$(stat -c %s "$src")
     fresh "$dst" "$size"
@@ -315,11 +324,12 @@ migrate() {
     rm -f "$dst"
 }
 
-# nbdcopy_run ROUND SUBJECT SRC [FLAGS]: nbdcopy of SRC into nbdkit's file
-# plugin serving a fresh sparse file; times nbdcopy's run.
+# nbdcopy_run ROUND WORKLOAD SUBJECT SRC DIR [FLAGS]: nbdcopy of SRC into
+# nbdkit's file plugin serving a fresh sparse file in DIR; times nbdcopy's
+# run.
 nbdcopy_run() {
-    local r=$1 subj=$2 src=$3 dst=$TMP/nbdkit.img log=$OUT/random1g.$2.r$1 port kit err= rc size
-    shift 3
+    local r=$1 wl=$2 subj=$3 src=$4 dst=$5/nbdkit.img log=$OUT/$2.$3.r$1 port kit err= rc size
+    shift 5
     size=$(stat -c %s "$src")
     fresh "$dst" "$size"
     sync
@@ -330,8 +340,8 @@ nbdcopy_run() {
     if ! wait_for listening "$port"; then
         stop "$kit"
         CPU=0 OTHERS=0
-        row "$r" random1g "$subj" 0 "" "" "" "" "nbdkit did not start"
-        say "round $r random1g $subj: nbdkit did not start; see $log.nbdkit.log"
+        row "$r" "$wl" "$subj" 0 "" "" "" "" "nbdkit did not start"
+        say "round $r $wl $subj: nbdkit did not start; see $log.nbdkit.log"
         return
     fi
     mark_start
@@ -343,9 +353,9 @@ nbdcopy_run() {
     if [ -z "$err" ] && ! check_copy "$src" "$dst"; then
         err="destination differs from the source"
     fi
-    row "$r" random1g "$subj" "$WALL" "" "" "" "" "$err"
+    row "$r" "$wl" "$subj" "$WALL" "" "" "" "" "$err"
     say "$(printf 'round %d %-9s %-14s %7.3f s (CPU %s%%, others %s%%)%s' \
-        "$r" random1g "$subj" "$WALL" "$CPU" "$OTHERS" "${err:+  ERROR: $err}")"
+        "$r" "$wl" "$subj" "$WALL" "$CPU" "$OTHERS" "${err:+  ERROR: $err}")"
     rm -f "$dst"
 }
 
@@ -433,7 +443,10 @@ if has stall; then
 fi
 
 say "creating the data"
-if has random1g || has stall; then
+if has random1g-mem; then
+    MEMTMP=$(mktemp -d "$MEM_DIR/flexnbd-bench-migrate.XXXXXX") || fail "cannot make a directory in MEM_DIR=$MEM_DIR"
+fi
+if has random1g || has random1g-mem || has stall; then
     head -c 1G /dev/urandom >"$TMP/random1g.img"
 fi
 if has stall; then
@@ -456,7 +469,10 @@ done
 DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
 LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 for r in $(seq 1 "$ROUNDS"); do
-    if has random1g; then
+    for wl in random1g random1g-mem; do
+        has $wl || continue
+        dir=$TMP
+        [ $wl = random1g-mem ] && dir=$MEMTMP
         all=(flexnbd nbdcopy)
         [ "$NBDCOPY_FLUSH" = 1 ] && all+=(nbdcopy-flush)
         # Each subject takes each place in the order in turn.
@@ -464,12 +480,12 @@ for r in $(seq 1 "$ROUNDS"); do
         for i in "${!all[@]}"; do subjects+=("${all[$(((i + r - 1) % ${#all[@]}))]}"); done
         for s in "${subjects[@]}"; do
             case $s in
-            flexnbd) migrate "$r" random1g flexnbd "$TMP/random1g.img" ;;
-            nbdcopy) nbdcopy_run "$r" nbdcopy "$TMP/random1g.img" ;;
-            nbdcopy-flush) nbdcopy_run "$r" nbdcopy-flush "$TMP/random1g.img" --flush ;;
+            flexnbd) migrate "$r" $wl flexnbd "$TMP/random1g.img" "$dir" ;;
+            nbdcopy) nbdcopy_run "$r" $wl nbdcopy "$TMP/random1g.img" "$dir" ;;
+            nbdcopy-flush) nbdcopy_run "$r" $wl nbdcopy-flush "$TMP/random1g.img" "$dir" --flush ;;
             esac
         done
-    fi
+    done
     if has sparse16g; then
         subjects=(sparse16g dense64m)
         [ $((r % 2)) = 0 ] && subjects=(dense64m sparse16g)
