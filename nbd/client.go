@@ -356,6 +356,39 @@ func (c *Client) Do(ctx context.Context, req Request, payload, readBuf []byte) (
 // do is Do with the WRITE payload taken either from payload or, when src
 // is not nil, from a file by the kernel.
 func (c *Client) do(ctx context.Context, req Request, payload []byte, src *fileRange, readBuf []byte) ([]Extent, error) {
+	cl, err := c.start(ctx, req, payload, src, readBuf)
+	if err != nil {
+		return nil, err
+	}
+	return c.finish(ctx, cl)
+}
+
+// Pending is a request Start sent; Wait returns its outcome.
+type Pending struct {
+	c   *Client
+	cl  *call
+	ctx context.Context
+}
+
+// Start sends req as Do does and returns without waiting for the reply,
+// so that a caller can send requests in a chosen order (a proxy keeps its
+// client's order) and collect the replies as they come. Wait must be
+// called exactly once; ctx also bounds the wait.
+func (c *Client) Start(ctx context.Context, req Request, payload, readBuf []byte) (*Pending, error) {
+	cl, err := c.start(ctx, req, payload, nil, readBuf)
+	if err != nil {
+		return nil, err
+	}
+	return &Pending{c: c, cl: cl, ctx: ctx}, nil
+}
+
+// Wait returns the reply of a started request, as Do would.
+func (p *Pending) Wait() ([]Extent, error) { return p.c.finish(p.ctx, p.cl) }
+
+// start registers and sends a request. Once it returns a call, finish
+// must be called with it, even if the send failed (the call then ends
+// with the connection).
+func (c *Client) start(ctx context.Context, req Request, payload []byte, src *fileRange, readBuf []byte) (*call, error) {
 	if req.Type == CmdRead && len(readBuf) != int(req.Length) {
 		return nil, fmt.Errorf("nbd: read buffer of %d bytes for a %d-byte read", len(readBuf), req.Length)
 	}
@@ -367,15 +400,15 @@ func (c *Client) do(ctx context.Context, req Request, payload []byte, src *fileR
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
-	defer func() { <-c.sem }()
 
 	cl := getCall()
 	cl.req, cl.buf = req, readBuf
-	defer putCall(cl)
 	c.mu.Lock()
 	if c.err != nil {
 		err := c.err
 		c.mu.Unlock()
+		putCall(cl)
+		<-c.sem
 		return nil, err
 	}
 	cl.req.Cookie = c.nextCookie
@@ -412,7 +445,14 @@ func (c *Client) do(ctx context.Context, req Request, payload []byte, src *fileR
 		}
 		c.fail(fmt.Errorf("nbd: send request: %w", err))
 	}
+	return cl, nil
+}
 
+// finish waits for cl's reply (ctx ending breaks the connection, since a
+// sent request cannot be retracted) and releases its slot.
+func (c *Client) finish(ctx context.Context, cl *call) ([]Extent, error) {
+	defer func() { <-c.sem }()
+	defer putCall(cl)
 	select {
 	case <-cl.done:
 	case <-ctx.Done():

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 
 	"github.com/alecthomas/kong"
 )
@@ -22,6 +23,7 @@ type cli struct {
 	ACL         ACLCmd         `cmd:"" name:"acl" help:"Replace the access list of a running flexnbd."`
 	Break       BreakCmd       `cmd:"" name:"break" help:"Abandon the migration of a running flexnbd."`
 	MirrorSpeed MirrorSpeedCmd `cmd:"" name:"mirror-speed" help:"Change the speed limit of a running migration."`
+	Proxy       ProxyCmd       `cmd:"" help:"Forward NBD clients to a server, reconnecting and replaying across its restarts."`
 	Help        HelpCmd        `cmd:"" help:"Show help for flexnbd or one of its modes."`
 }
 
@@ -34,7 +36,12 @@ type exitError struct {
 func (e *exitError) Error() string { return e.msg }
 
 func main() {
-	os.Exit(run(os.Args[1:]))
+	args := os.Args[1:]
+	// Installed as a link named flexnbd-proxy, it is the proxy mode.
+	if filepath.Base(os.Args[0]) == "flexnbd-proxy" {
+		args = append([]string{"proxy"}, args...)
+	}
+	os.Exit(run(args))
 }
 
 func run(args []string) int {

@@ -1,0 +1,106 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"net"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/flexnbd/flexnbd/proxy"
+)
+
+// ProxyCmd is `flexnbd proxy`, also run as `flexnbd-proxy`, with the C
+// flexnbd-proxy's flags.
+type ProxyCmd struct {
+	Addr      string        `short:"l" required:"" help:"Address to listen on, or the path of a Unix socket."`
+	Port      uint16        `short:"p" help:"TCP port to listen on (not with a Unix socket)."`
+	ConnAddr  string        `short:"C" name:"conn-addr" required:"" help:"Upstream server address, or the path of its Unix socket."`
+	ConnPort  uint16        `short:"P" name:"conn-port" help:"Upstream server port."`
+	Bind      string        `short:"b" help:"Local address for upstream connections."`
+	Oldstyle  bool          `help:"Greet clients with the oldstyle handshake (C flexnbd fleets)."`
+	MaxOutage time.Duration `name:"max-outage" help:"Fail requests with EIO once the upstream has been unreachable this long (default: never)."`
+	LogFlags
+}
+
+// Run proxies until SIGINT, SIGTERM or SIGQUIT, then answers what it has
+// read and exits 0.
+func (c *ProxyCmd) Run() error {
+	log := c.logger()
+	up, err := c.upstream()
+	if err != nil {
+		return err
+	}
+	if c.Bind != "" && net.ParseIP(c.Bind) == nil {
+		return errors.New("--bind: not an IP address: " + strconv.Quote(c.Bind))
+	}
+	if c.MaxOutage < 0 {
+		return errors.New("--max-outage must not be negative")
+	}
+	p, err := proxy.New(proxy.Config{
+		Upstreams: []proxy.Upstream{up},
+		Bind:      c.Bind,
+		Oldstyle:  c.Oldstyle,
+		MaxOutage: c.MaxOutage,
+		Logger:    log,
+	})
+	if err != nil {
+		return err
+	}
+	l, err := c.listen()
+	if err != nil {
+		return err
+	}
+	log.Info().Str("listen", l.Addr().String()).Str("upstream", up.String()).Bool("oldstyle", c.Oldstyle).
+		Msg("proxying")
+
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGQUIT)
+	defer signal.Stop(sigs)
+	served := make(chan error, 1)
+	go func() { served <- p.Serve(l) }()
+	select {
+	case err := <-served:
+		return err
+	case sig := <-sigs:
+		log.Info().Str("signal", sig.String()).Msg("shutting down")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
+	defer cancel()
+	if err := p.Shutdown(ctx); err != nil {
+		log.Warn().Err(err).Msg("clients dropped with requests unanswered")
+	}
+	<-served
+	log.Info().Msg("stopped")
+	return nil
+}
+
+func (c *ProxyCmd) upstream() (proxy.Upstream, error) {
+	if strings.HasPrefix(c.ConnAddr, "/") {
+		if c.ConnPort != 0 {
+			return proxy.Upstream{}, errors.New("--conn-port does not go with a Unix socket path")
+		}
+		return proxy.Upstream{Network: "unix", Address: c.ConnAddr}, nil
+	}
+	if c.ConnPort == 0 {
+		return proxy.Upstream{}, errors.New("--conn-port is required with a TCP upstream")
+	}
+	return proxy.ParseUpstream(net.JoinHostPort(c.ConnAddr, strconv.Itoa(int(c.ConnPort))))
+}
+
+func (c *ProxyCmd) listen() (net.Listener, error) {
+	if strings.HasPrefix(c.Addr, "/") {
+		if c.Port != 0 {
+			return nil, errors.New("--port does not go with a Unix socket path")
+		}
+		return net.Listen("unix", c.Addr)
+	}
+	if c.Port == 0 {
+		return nil, errors.New("--port is required with a TCP address")
+	}
+	return net.Listen("tcp", net.JoinHostPort(c.Addr, strconv.Itoa(int(c.Port))))
+}

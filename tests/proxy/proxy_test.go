@@ -1,0 +1,267 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/flexnbd/flexnbd/internal/testproc"
+	"github.com/flexnbd/flexnbd/internal/testserver"
+	"github.com/flexnbd/flexnbd/nbd"
+)
+
+// restarts is how many times the fault tests kill the server.
+const restarts = 3
+
+// killAndRestart kills b and starts it again, restarts times, while load
+// runs; it returns once done.
+func killAndRestart(t *testing.T, b *backend, every, down time.Duration) {
+	t.Helper()
+	for range restarts {
+		time.Sleep(every)
+		b.kill(t)
+		time.Sleep(down)
+		b.start(t)
+	}
+}
+
+// Clients writing through the proxy see no error while the server behind
+// it is SIGKILLed and restarted, and every write they saw acknowledged is
+// in the file afterwards, in its latest version.
+func TestServerRestartsAreInvisible(t *testing.T) {
+	b := newBackend(t, 64<<20)
+	b.start(t)
+	p, addr := startProxy(t, b.addr())
+
+	s := &testserver.Stamper{Blocks: 512}
+	ctx, stop := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		s.Run(ctx, t, addr, 4, 0)
+	}()
+	killAndRestart(t, b, 300*time.Millisecond, 100*time.Millisecond)
+	time.Sleep(200 * time.Millisecond) // writes after the last restart too
+	stop()
+	<-done
+	require.Zero(t, s.Errs(), "no client saw an error")
+	require.Positive(t, s.Writes())
+	s.Verify(t, b.file)
+	text := p.Stderr.Text()
+	assert.GreaterOrEqual(t, strings.Count(text, "upstream reconnected"), restarts,
+		"each client reconnected after each kill:\n%s", text)
+}
+
+// fio's own verification, through libnbd, across server kills.
+func TestFioVerifiesAcrossRestarts(t *testing.T) {
+	fio := testserver.Tool(t, "fio")
+	b := newBackend(t, 128<<20)
+	b.start(t)
+	p, addr := startProxy(t, b.addr())
+
+	var out []byte
+	var err error
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		ctx, cancel := context.WithTimeout(context.Background(), testproc.Timeout)
+		defer cancel()
+		out, err = exec.CommandContext(ctx, fio, "--name=proxy", "--ioengine=nbd", "--uri=nbd://"+addr,
+			"--rw=randwrite", "--bs=4k", "--size=64M", "--iodepth=16", "--verify=crc32c",
+			"--do_verify=1", "--verify_fatal=1", "--number_ios=40000").CombinedOutput()
+	}()
+	killAndRestart(t, b, 250*time.Millisecond, 100*time.Millisecond)
+	<-done
+	require.NoError(t, err, "fio:\n%s", out)
+	require.Contains(t, string(out), "err= 0", "fio:\n%s", out)
+	assert.Contains(t, p.Stderr.Text(), "upstream reconnected", "a kill came while fio ran")
+}
+
+// With --max-outage, requests fail with EIO once the server has been away
+// that long, and the connection works again when it is back.
+func TestMaxOutageFailsRequestsWithEIO(t *testing.T) {
+	b := newBackend(t, 1<<20)
+	b.start(t)
+	_, addr := startProxy(t, b.addr(), "--max-outage", "300ms")
+	ctx, cancel := context.WithTimeout(context.Background(), testproc.Timeout)
+	defer cancel()
+	c, err := nbd.Dial(ctx, "tcp", addr, nil)
+	require.NoError(t, err)
+	defer c.Close()
+	buf := make([]byte, 4096)
+	require.NoError(t, c.Read(ctx, buf, 0, 0))
+	b.kill(t)
+	start := time.Now()
+	err = c.Read(ctx, buf, 0, 0)
+	require.ErrorIs(t, err, nbd.EIO)
+	assert.GreaterOrEqual(t, time.Since(start), 300*time.Millisecond, "not before the outage allowed")
+	b.start(t)
+	require.Eventually(t, func() bool { return c.Read(ctx, buf, 0, 0) == nil }, testproc.Timeout,
+		50*time.Millisecond, "the connection works again once the server is back")
+}
+
+// Real clients through the proxy, over TCP and a Unix socket.
+func TestRealClientsThroughTheProxy(t *testing.T) {
+	b := newBackend(t, 32<<20)
+	b.start(t)
+	_, addr := startProxy(t, b.addr())
+	uri := "nbd://" + addr
+
+	t.Run("qemu-io", func(t *testing.T) {
+		qemuIO := testserver.Tool(t, "qemu-io")
+		out := testserver.Run(t, testproc.Timeout, qemuIO, "-f", "raw", uri,
+			"-c", "write -P 0x3c 1M 2M", "-c", "read -P 0x3c 1M 2M", "-c", "flush",
+			"-c", "write -z 5M 1M", "-c", "read -P 0 5M 1M", "-c", "discard 1M 64k")
+		assert.NotContains(t, out, "failed", out)
+		assert.NotContains(t, out, "Pattern verification failed", out)
+	})
+	t.Run("nbdinfo", func(t *testing.T) {
+		out := testserver.Run(t, testproc.Timeout, testserver.Tool(t, "nbdinfo"), uri)
+		assert.Contains(t, out, "export-size: 33554432")
+		for _, want := range []string{"can_flush: true", "can_fua: true", "can_trim: true", "can_zero: true",
+			"can_multi_conn: true", "base:allocation"} {
+			assert.Contains(t, out, want)
+		}
+		m := testserver.Run(t, testproc.Timeout, testserver.Tool(t, "nbdinfo"), "--map", uri)
+		assert.Contains(t, m, "hole,zero", "holes show through the proxy:\n%s", m)
+	})
+	t.Run("nbdcopy both ways", func(t *testing.T) {
+		nbdcopy := testserver.Tool(t, "nbdcopy")
+		src := filepath.Join(t.TempDir(), "src.img")
+		data := bytes.Repeat([]byte("through the proxy "), (8<<20)/18+1)[:8<<20]
+		require.NoError(t, os.WriteFile(src, data, 0o644))
+		require.NoError(t, os.Truncate(src, 32<<20))
+		testserver.Run(t, testproc.Timeout, nbdcopy, src, uri)
+		back := filepath.Join(t.TempDir(), "back.img")
+		testserver.Run(t, testproc.Timeout, nbdcopy, uri, back)
+		got, err := os.ReadFile(back)
+		require.NoError(t, err)
+		require.Len(t, got, 32<<20)
+		assert.True(t, bytes.Equal(data, got[:8<<20]), "data came back unchanged")
+		assert.True(t, bytes.Equal(make([]byte, 24<<20), got[8<<20:]), "the rest reads as zeroes")
+	})
+	t.Run("unix socket downstream", func(t *testing.T) {
+		sock := filepath.Join(t.TempDir(), "proxy.sock")
+		host, port := splitHostPort(t, b.addr())
+		p := testproc.Start(t, "", bin, "proxy", "--addr", sock, "--conn-addr", host, "--conn-port", port, "-v")
+		p.Stderr.WaitFor(t, "proxying")
+		out := testserver.Run(t, testproc.Timeout, testserver.Tool(t, "nbdinfo"), "nbd+unix:///?socket="+sock)
+		assert.Contains(t, out, "export-size: 33554432")
+		p.Signal(t, 15)
+		assert.Zero(t, p.Wait(t))
+		_, err := os.Stat(sock)
+		assert.True(t, errors.Is(err, os.ErrNotExist), "the socket file is removed on exit")
+	})
+}
+
+// Started before its server, the proxy holds a client's handshake until
+// the server appears (the C proxy exits 0 there).
+func TestUpstreamThatAppearsLater(t *testing.T) {
+	b := newBackend(t, 16<<20)
+	p, addr := startProxy(t, b.addr())
+
+	type dialed struct {
+		c   *nbd.Client
+		err error
+	}
+	ch := make(chan dialed, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), testproc.Timeout)
+		defer cancel()
+		c, err := nbd.Dial(ctx, "tcp", addr, &nbd.ClientOptions{HandshakeTimeout: testproc.Timeout})
+		ch <- dialed{c, err}
+	}()
+	time.Sleep(500 * time.Millisecond)
+	select {
+	case d := <-ch:
+		t.Fatalf("handshake finished with no server behind the proxy: %v", d.err)
+	case <-p.Done():
+		t.Fatalf("proxy exited without a server:\n%s", p.Stderr.Text())
+	default:
+	}
+	b.start(t)
+	d := <-ch
+	require.NoError(t, d.err)
+	defer d.c.Close()
+	assert.Equal(t, uint64(16<<20), d.c.Size())
+	ctx := context.Background()
+	require.NoError(t, d.c.Write(ctx, bytes.Repeat([]byte{7}, 4096), 8192, nbd.CmdFlagFUA))
+	got := make([]byte, 4096)
+	require.NoError(t, d.c.Read(ctx, got, 8192, 0))
+	assert.Equal(t, bytes.Repeat([]byte{7}, 4096), got)
+}
+
+// An error the server answers is the client's answer, not a reason to
+// reconnect; the connection goes on working.
+func TestErrorRepliesPassThrough(t *testing.T) {
+	b := newBackend(t, 1<<20)
+	b.start(t)
+	p, addr := startProxy(t, b.addr())
+	ctx, cancel := context.WithTimeout(context.Background(), testproc.Timeout)
+	defer cancel()
+	for _, opts := range []*nbd.ClientOptions{{}, {NoStructuredReplies: true}} {
+		c, err := nbd.Dial(ctx, "tcp", addr, opts)
+		require.NoError(t, err)
+		_, err = c.Do(ctx, nbd.Request{Type: nbd.CmdWrite, Offset: 1 << 20, Length: 4096}, make([]byte, 4096), nil)
+		assert.ErrorIs(t, err, nbd.ENOSPC, "a write past the end")
+		_, err = c.Do(ctx, nbd.Request{Type: nbd.CmdRead, Offset: 1<<20 - 512, Length: 4096}, nil, make([]byte, 4096))
+		assert.ErrorIs(t, err, nbd.EINVAL, "a read past the end")
+		if !opts.NoStructuredReplies {
+			var se *nbd.ServerError
+			require.ErrorAs(t, err, &se)
+			assert.NotEmpty(t, se.Message, "the server's message comes through")
+		}
+		require.NoError(t, c.Write(ctx, []byte("still working"), 0, 0))
+		got := make([]byte, 13)
+		require.NoError(t, c.Read(ctx, got, 0, 0))
+		assert.Equal(t, "still working", string(got))
+		require.NoError(t, c.Close())
+	}
+	assert.NotContains(t, p.Stderr.Text(), "reconnect")
+}
+
+// Several clients at once, each on its own upstream connection, all
+// answered across a restart.
+func TestSeveralClientsAcrossARestart(t *testing.T) {
+	b := newBackend(t, 16<<20)
+	b.start(t)
+	_, addr := startProxy(t, b.addr())
+	ctx, cancel := context.WithTimeout(context.Background(), testproc.Timeout)
+	defer cancel()
+	const clients = 6
+	cs := make([]*nbd.Client, clients)
+	for i := range cs {
+		c, err := nbd.Dial(ctx, "tcp", addr, nil)
+		require.NoError(t, err)
+		defer c.Close()
+		cs[i] = c
+	}
+	b.kill(t)
+	var wg sync.WaitGroup
+	errs := make([]error, clients)
+	for i, c := range cs {
+		wg.Go(func() {
+			p := bytes.Repeat([]byte{byte(i + 1)}, 64<<10)
+			errs[i] = c.Write(ctx, p, uint64(i)<<20, nbd.CmdFlagFUA)
+		})
+	}
+	time.Sleep(200 * time.Millisecond)
+	b.start(t)
+	wg.Wait()
+	for i, c := range cs {
+		require.NoError(t, errs[i], "client %d", i)
+		got := make([]byte, 64<<10)
+		require.NoError(t, c.Read(ctx, got, uint64(i)<<20, 0))
+		assert.Equal(t, bytes.Repeat([]byte{byte(i + 1)}, 64<<10), got, "client %d", i)
+	}
+}
