@@ -27,6 +27,11 @@ type ClientOptions struct {
 	// HandshakeTimeout bounds the negotiation. Default 10 s; the C
 	// flexnbd waits 5 s for a greeting.
 	HandshakeTimeout time.Duration
+	// FenceKey, when set, is sent with FenceGen in OptFence (see there);
+	// Session().Fenced says whether the server took it. A server that
+	// refuses it (it has seen a newer generation) fails the handshake.
+	FenceKey string
+	FenceGen uint64
 }
 
 // ErrClientClosed is returned for requests on a client that was closed.

@@ -64,6 +64,13 @@ func clientHandshake(r *bufio.Reader, w io.Writer, opts *ClientOptions) (*Sessio
 		return c.exportName(opts.ExportName)
 	}
 	sess := &Session{}
+	if opts.FenceKey != "" {
+		ok, err := c.fence(opts.FenceKey, opts.FenceGen)
+		if err != nil {
+			return nil, err
+		}
+		sess.Fenced = ok
+	}
 	if !opts.NoStructuredReplies {
 		ok, err := c.simpleOption(OptStructuredReply, nil)
 		if err != nil {
@@ -88,6 +95,7 @@ func clientHandshake(r *bufio.Reader, w io.Writer, opts *ClientOptions) (*Sessio
 		}
 		s.Structured = sess.Structured
 		s.AllocationContext = sess.AllocationContext
+		s.Fenced = sess.Fenced
 		return s, nil
 	}
 	if err != nil {
@@ -172,6 +180,29 @@ func (c *clientNegotiator) simpleOption(opt Opt, data []byte) (bool, error) {
 		return false, &OptionError{Opt: opt, Rep: typ, Message: string(msg)}
 	}
 	return false, protocolErrorf("unexpected reply %#x to option %d", uint32(typ), opt)
+}
+
+// fence sends OptFence; a server that does not know it says UNSUP.
+func (c *clientNegotiator) fence(key string, gen uint64) (bool, error) {
+	if len(key) > MaxFenceKey {
+		return false, fmt.Errorf("nbd: fence key of %d bytes", len(key))
+	}
+	d := binary.BigEndian.AppendUint64(nil, gen)
+	if err := c.send(OptFence, append(d, key...)); err != nil {
+		return false, err
+	}
+	typ, msg, err := c.recv(OptFence)
+	switch {
+	case err != nil:
+		return false, err
+	case typ == RepAck:
+		return true, nil
+	case typ == RepErrUnsup:
+		return false, nil
+	case typ.IsError():
+		return false, &OptionError{Opt: OptFence, Rep: typ, Message: string(msg)}
+	}
+	return false, protocolErrorf("unexpected reply %#x to the fence option", uint32(typ))
 }
 
 func (c *clientNegotiator) setMetaContext(export string) (uint32, error) {

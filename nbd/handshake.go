@@ -50,6 +50,10 @@ type ServerConfig struct {
 	// Closing, if set and true, makes every option but ABORT fail with
 	// NBD_REP_ERR_SHUTDOWN: the server is stopping.
 	Closing func() bool
+	// Fence, if set, accepts OptFence: an error refuses it with
+	// NBD_REP_ERR_POLICY and the error's text. Without it the option is
+	// unsupported.
+	Fence func(key string, gen uint64) error
 }
 
 // Session is what a successful handshake agreed on.
@@ -62,6 +66,12 @@ type Session struct {
 	// AllocationContext is the id of base:allocation if the client selected
 	// it for this export, else 0: then BLOCK_STATUS is an error.
 	AllocationContext uint32
+	// FenceKey and FenceGen are what the client sent with OptFence and the
+	// server accepted ("" without it); on the client side Fenced says the
+	// server accepted it.
+	FenceKey string
+	FenceGen uint64
+	Fenced   bool
 }
 
 // ErrAborted is returned by ServerHandshake when the client ended
@@ -113,7 +123,10 @@ type serverHandshake struct {
 	// metaSelected whether it selected base:allocation.
 	metaExport   string
 	metaSelected bool
-	scratch      []byte
+	// fenceKey and fenceGen are an accepted OptFence.
+	fenceKey string
+	fenceGen uint64
+	scratch  []byte
 }
 
 func (h *serverHandshake) run() (*Session, error) {
@@ -194,6 +207,11 @@ func (h *serverHandshake) option() (*Session, error) {
 		return nil, h.reply(opt, RepAck, "")
 	case OptListMetaContext, OptSetMetaContext:
 		return nil, h.metaContext(opt, data)
+	case OptFence:
+		if h.cfg.Fence == nil {
+			break
+		}
+		return nil, h.fence(data)
 	}
 	return nil, h.reply(opt, RepErrUnsup, "option not supported")
 }
@@ -259,8 +277,22 @@ func (h *serverHandshake) exportName(data []byte) (*Session, error) {
 	return sess, nil
 }
 
+// fence answers OptFence.
+func (h *serverHandshake) fence(data []byte) error {
+	if len(data) < 9 || len(data) > 8+MaxFenceKey {
+		return h.reply(OptFence, RepErrInvalid, "fence: a generation and a key of 1-64 bytes")
+	}
+	gen, key := binary.BigEndian.Uint64(data[:8]), string(data[8:])
+	if err := h.cfg.Fence(key, gen); err != nil {
+		return h.reply(OptFence, RepErrPolicy, err.Error())
+	}
+	h.fenceKey, h.fenceGen = key, gen
+	return h.reply(OptFence, RepAck, "")
+}
+
 func (h *serverHandshake) session(exp ExportInfo, name string) *Session {
-	s := &Session{Export: exp, Structured: h.structured, Flags: exp.Flags | FlagHasFlags}
+	s := &Session{Export: exp, Structured: h.structured, Flags: exp.Flags | FlagHasFlags,
+		FenceKey: h.fenceKey, FenceGen: h.fenceGen}
 	if h.structured {
 		s.Flags |= FlagSendDF
 	} else {

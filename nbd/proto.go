@@ -72,7 +72,19 @@ const (
 	OptListMetaContext Opt = 9  // NBD_OPT_LIST_META_CONTEXT: u32 namelen, name, u32 n, n x (u32 len, query)
 	OptSetMetaContext  Opt = 10 // NBD_OPT_SET_META_CONTEXT: as NBD_OPT_LIST_META_CONTEXT
 	OptExtendedHeaders Opt = 11 // NBD_OPT_EXTENDED_HEADERS: not supported here
+
+	// OptFence is flexnbd's own option ("FXF1"): u64 generation, then a
+	// key of 1 to MaxFenceKey bytes. A connection with a key and a higher
+	// generation replaces the server's earlier connections with that key:
+	// they stop reading and finish what they read before the new one
+	// starts, so a client that reconnects and sends its unanswered
+	// requests again cannot be overtaken by the originals. Servers that
+	// do not know it answer NBD_REP_ERR_UNSUP, as the protocol requires.
+	OptFence Opt = 0x46584631
 )
+
+// MaxFenceKey bounds OptFence's key.
+const MaxFenceKey = 64
 
 // Rep is an option reply type. Error replies have bit 31 set.
 type Rep uint32

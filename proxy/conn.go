@@ -3,6 +3,8 @@ package proxy
 import (
 	"bufio"
 	"context"
+	crand "crypto/rand"
+	"encoding/hex"
 	"errors"
 	"io"
 	"net"
@@ -53,8 +55,9 @@ type conn struct {
 	ctx    context.Context // ends when the client is gone
 	cancel context.CancelFunc
 
-	size uint64
-	sess *nbd.Session // downstream
+	size  uint64
+	sess  *nbd.Session // downstream
+	fence fence        // owned by the sender once serving
 
 	ops        chan *op      // reader to sender
 	wake       chan struct{} // waiters to sender: the upstream failed
@@ -81,7 +84,15 @@ func newConn(p *Proxy, nc net.Conn) *conn {
 		ops:     make(chan *op, 16),
 		wake:    make(chan struct{}, 1),
 		pending: map[uint64]*op{},
+		fence:   fence{key: newFenceKey()},
 	}
+}
+
+// newFenceKey names a client's upstream session for the server's fence.
+func newFenceKey() string {
+	var b [16]byte
+	_, _ = crand.Read(b[:])
+	return "flexnbd-proxy-" + hex.EncodeToString(b[:])
 }
 
 // drain stops reading requests; those already read are still answered.
@@ -105,13 +116,14 @@ func (c *conn) serve() {
 		giveUp = time.Now().Add(c.p.cfg.MaxOutage)
 	}
 	// The client is greeted once an upstream has told us what to offer.
-	up, err := c.p.connect(c.ctx, 0, giveUp)
+	up, err := c.p.connect(c.ctx, 0, giveUp, &c.fence)
 	if err != nil {
 		c.log.Warn().Err(err).Msg("no upstream for a new client; closing it")
 		return
 	}
 	c.up, c.size = up, up.Size()
 	c.connected.Store(true)
+	c.noteFence()
 	defer func() {
 		c.connected.Store(false)
 		if c.up != nil {
@@ -306,7 +318,7 @@ func (c *conn) reconnect() {
 		giveUp = start.Add(c.p.cfg.MaxOutage)
 	}
 	for {
-		up, err := c.p.connect(c.ctx, c.size, giveUp)
+		up, err := c.p.connect(c.ctx, c.size, giveUp, &c.fence)
 		if err == nil {
 			c.up = up
 			break
@@ -322,6 +334,7 @@ func (c *conn) reconnect() {
 			return
 		}
 	}
+	c.noteFence()
 	outage := time.Since(start)
 	c.p.noteOutage(outage)
 	c.connected.Store(true)
@@ -335,6 +348,14 @@ func (c *conn) reconnect() {
 	c.log.Info().Dur("outage", outage).Int("replayed", len(ops)).Msg("upstream reconnected")
 	for _, o := range ops {
 		c.send(o)
+	}
+}
+
+// noteFence warns when the upstream cannot fence: a replay after a
+// timeout could then be overtaken by its original.
+func (c *conn) noteFence() {
+	if !c.up.Session().Fenced {
+		c.log.Warn().Msg("upstream does not take fences (not a flexnbd server): a request replayed after a timeout may be overtaken by its original")
 	}
 }
 

@@ -20,9 +20,14 @@
 // client once. With MaxOutage, requests fail with EIO once the upstream
 // has been unreachable that long.
 //
-// BUG(proxy): A replay after a timeout does not yet fence the old
-// connection: a server that was stopped rather than dead may still execute
-// requests it had read from it after the replayed ones.
+// Fencing: each client's upstream connections carry a random key and a
+// rising generation in nbd.OptFence; a flexnbd server lets a newer
+// connection start only once the older one stopped reading and finished
+// what it had admitted, so an original never runs after its replay.
+//
+// BUG(proxy): Servers without nbd.OptFence (nbdkit, the C flexnbd) cannot
+// be fenced: after a timeout against such a server that is stopped rather
+// than dead, an original may still run after its replay.
 //
 // BUG(proxy): The prefetch cache (--cache) and the control socket
 // (status, upstream) are not implemented yet.

@@ -197,10 +197,10 @@ func (p *Proxy) Status() Status {
 // dialOnce tries every upstream once, in order, and returns the first
 // connection whose handshake succeeds and whose size is want (any size
 // when want is 0).
-func (p *Proxy) dialOnce(ctx context.Context, want uint64) (*nbd.Client, Upstream, error) {
+func (p *Proxy) dialOnce(ctx context.Context, want uint64, f *fence) (*nbd.Client, Upstream, error) {
 	var errs []error
 	for _, u := range p.Upstreams() {
-		c, err := p.dial(ctx, u)
+		c, err := p.dial(ctx, u, f)
 		if err == nil && want != 0 && c.Size() != want {
 			c.Abort()
 			err = fmt.Errorf("export size %d, expected %d", c.Size(), want)
@@ -216,7 +216,15 @@ func (p *Proxy) dialOnce(ctx context.Context, want uint64) (*nbd.Client, Upstrea
 	return nil, Upstream{}, errors.Join(errs...)
 }
 
-func (p *Proxy) dial(ctx context.Context, u Upstream) (*nbd.Client, error) {
+// fence is a client's fence key and the generation of its latest
+// connection attempt (nbd.OptFence): every attempt takes the next one, so
+// a handshake the proxy gave up on can never displace a later connection.
+type fence struct {
+	key string
+	gen uint64
+}
+
+func (p *Proxy) dial(ctx context.Context, u Upstream, f *fence) (*nbd.Client, error) {
 	ctx, cancel := context.WithTimeout(ctx, p.cfg.Timeout)
 	defer cancel()
 	d := net.Dialer{}
@@ -228,9 +236,12 @@ func (p *Proxy) dial(ctx context.Context, u Upstream) (*nbd.Client, error) {
 		return nil, err
 	}
 	deadline, _ := ctx.Deadline()
+	f.gen++
 	c, err := nbd.NewClient(nc, &nbd.ClientOptions{
 		MaxInFlight:      p.cfg.MaxInFlight,
 		HandshakeTimeout: time.Until(deadline),
+		FenceKey:         f.key,
+		FenceGen:         f.gen,
 	})
 	if err != nil {
 		nc.Close()
@@ -243,10 +254,10 @@ func (p *Proxy) dial(ctx context.Context, u Upstream) (*nbd.Client, error) {
 // MaxOutage set, giveUp passes (then it returns errOutage). The first
 // round starts at once; later ones after an exponential backoff with
 // jitter, capped at RetryMax.
-func (p *Proxy) connect(ctx context.Context, want uint64, giveUp time.Time) (*nbd.Client, error) {
+func (p *Proxy) connect(ctx context.Context, want uint64, giveUp time.Time, f *fence) (*nbd.Client, error) {
 	backoff := 50 * time.Millisecond
 	for round := 0; ; round++ {
-		c, u, err := p.dialOnce(ctx, want)
+		c, u, err := p.dialOnce(ctx, want, f)
 		if err == nil {
 			s := u.String()
 			p.stats.inUse.Store(&s)

@@ -131,6 +131,11 @@ func (c *conn) serve() {
 	if p := c.srv.cfg.Sessions; p != nil && p.Exclusive() {
 		c.takeExport()
 	}
+	if c.sess.FenceKey != "" && !c.takeFence() {
+		c.log.Info().Msg("a newer connection of this session came first; closing")
+		c.sessionEnded(false)
+		return
+	}
 	c.wg.Add(1)
 	c.readLoop()
 	c.wg.Wait()
@@ -151,6 +156,7 @@ func (c *conn) handshake() error {
 		Lookup:   c.lookup,
 		List:     func() []nbd.ExportInfo { return []nbd.ExportInfo{c.srv.exportInfo()} },
 		Closing:  c.draining.Load,
+		Fence:    c.checkFence,
 	})
 	if err != nil {
 		return err

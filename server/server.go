@@ -74,6 +74,7 @@ type Server struct {
 	closing   bool
 	connsDone *sync.Cond // signalled when conns shrinks
 	exclusive *conn      // the session that has the export alone, if any
+	fences    map[string]fenceHolder
 
 	stats Stats
 	start time.Time

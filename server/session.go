@@ -1,6 +1,7 @@
 package server
 
 import (
+	"errors"
 	"net"
 
 	"github.com/flexnbd/flexnbd/nbd"
@@ -69,12 +70,64 @@ func (c *conn) takeExport() {
 	<-prev.closed
 }
 
+// fenceHolder is the newest connection of a fence key (nbd.OptFence).
+type fenceHolder struct {
+	gen uint64
+	c   *conn
+}
+
+// errStaleFence refuses a connection older than one already seen.
+var errStaleFence = errors.New("a newer connection of this session exists")
+
+// checkFence accepts OptFence during the handshake unless a connection
+// with the same key and a generation at least as high came first.
+func (c *conn) checkFence(key string, gen uint64) error {
+	s := c.srv
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if h, ok := s.fences[key]; ok && h.gen >= gen {
+		return errStaleFence
+	}
+	return nil
+}
+
+// takeFence makes c its key's connection and waits until the previous one
+// stopped reading and finished what it had read: requests the client sent
+// on it and did not see answered either ran before c's first request is
+// read or never run. It reports false when a newer connection of the key
+// came meanwhile; c must then close without reading.
+func (c *conn) takeFence() bool {
+	s := c.srv
+	key, gen := c.sess.FenceKey, c.sess.FenceGen
+	s.mu.Lock()
+	prev, ok := s.fences[key]
+	if ok && prev.gen >= gen {
+		s.mu.Unlock()
+		return false
+	}
+	if s.fences == nil {
+		s.fences = map[string]fenceHolder{}
+	}
+	s.fences[key] = fenceHolder{gen: gen, c: c}
+	s.mu.Unlock()
+	if prev.c != nil {
+		prev.c.log.Info().Str("successor", c.nc.RemoteAddr().String()).Uint64("generation", gen).
+			Msg("connection fenced by a newer one of its session")
+		prev.c.drain()
+		<-prev.c.closed
+	}
+	return true
+}
+
 // sessionEnded tells the policy how c's session ended.
 func (c *conn) sessionEnded(disconnected bool) {
 	s := c.srv
 	s.mu.Lock()
 	if s.exclusive == c {
 		s.exclusive = nil
+	}
+	if c.sess != nil && c.sess.FenceKey != "" && s.fences[c.sess.FenceKey].c == c {
+		delete(s.fences, c.sess.FenceKey)
 	}
 	s.mu.Unlock()
 	p := s.cfg.Sessions

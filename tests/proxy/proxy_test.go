@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -264,4 +265,36 @@ func TestSeveralClientsAcrossARestart(t *testing.T) {
 		require.NoError(t, c.Read(ctx, got, uint64(i)<<20, 0))
 		assert.Equal(t, bytes.Repeat([]byte{byte(i + 1)}, 64<<10), got, "client %d", i)
 	}
+}
+
+// A server stopped (not dead) past the proxy's timeout: the proxy gives
+// up on the connection and replays on a new one while the server still
+// holds the originals. Once it runs again, the fence (nbd.OptFence) makes
+// the old connection finish or drop what it had before the replays run,
+// so every acknowledged write is on disk in its latest version.
+func TestStoppedServerCannotOvertakeReplays(t *testing.T) {
+	t.Setenv("FLEXNBD_UPSTREAM_TIMEOUT", "1")
+	b := newBackend(t, 16<<20)
+	b.start(t)
+	p, addr := startProxy(t, b.addr())
+
+	s := &testserver.Stamper{Blocks: 256}
+	ctx, stop := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		s.Run(ctx, t, addr, 4, 0)
+	}()
+	time.Sleep(300 * time.Millisecond)
+	b.proc.Signal(t, syscall.SIGSTOP)
+	time.Sleep(2500 * time.Millisecond) // past the 1 s timeout, and a few dials
+	b.proc.Signal(t, syscall.SIGCONT)
+	time.Sleep(500 * time.Millisecond)
+	stop()
+	<-done
+	require.Zero(t, s.Errs(), "no client saw an error")
+	s.Verify(t, b.file)
+	text := p.Stderr.Text()
+	assert.Contains(t, text, "upstream reconnected", "the proxy gave up on the stopped server")
+	assert.NotContains(t, text, "does not take fences")
 }
