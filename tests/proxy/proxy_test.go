@@ -81,10 +81,24 @@ func TestFioVerifiesAcrossRestarts(t *testing.T) {
 			"--rw=randwrite", "--bs=4k", "--size=64M", "--iodepth=16", "--verify=crc32c",
 			"--do_verify=1", "--verify_fatal=1", "--number_ios=40000").CombinedOutput()
 	}()
-	killAndRestart(t, b, 250*time.Millisecond, 100*time.Millisecond)
+	// Kill the server every 400 ms for as long as fio runs (ten times at
+	// most): its data connection may start late on a loaded machine.
+	kills := 0
+	for running := true; running && kills < 10; {
+		select {
+		case <-done:
+			running = false
+		case <-time.After(400 * time.Millisecond):
+			b.kill(t)
+			time.Sleep(100 * time.Millisecond)
+			b.start(t)
+			kills++
+		}
+	}
 	<-done
 	require.NoError(t, err, "fio:\n%s", out)
 	require.Contains(t, string(out), "err= 0", "fio:\n%s", out)
+	require.Positive(t, kills)
 	assert.Contains(t, p.Stderr.Text(), "upstream reconnected", "a kill came while fio ran")
 }
 
