@@ -27,6 +27,8 @@ func (s *Server) dispatch(lines []string) Reply {
 		return s.handleMirrorMaxBps(args)
 	case CmdBreak:
 		return s.handleBreak()
+	case CmdUpstream:
+		return s.handleUpstream(args)
 	}
 	return Reply{CodeUnknownCommand, msgUnknownCommand}
 }
@@ -37,6 +39,7 @@ func (s *Server) dispatch(lines []string) Reply {
 var sentinels = []error{
 	ErrMirrorCompleted, ErrMirrorRunning, ErrMirrorConnect, ErrMirrorRejected,
 	ErrMirrorNoGreeting, ErrMirrorSizeMismatch, ErrShuttingDown, ErrNotMirroring, ErrMirrorStopped,
+	ErrNotProxy, ErrProxy,
 }
 
 func (s *Server) failure(cmd string, err error) Reply {
@@ -57,6 +60,16 @@ func (s *Server) failure(cmd string, err error) Reply {
 
 func (s *Server) handleStatus() Reply {
 	return Reply{CodeOK, FormatFields(s.Handler.Status().Fields())}
+}
+
+func (s *Server) handleUpstream(upstreams []string) Reply {
+	if len(upstreams) == 0 {
+		return Reply{CodeFailed, "upstream takes at least one address"}
+	}
+	if err := s.Handler.SetUpstreams(upstreams); err != nil {
+		return s.failure(CmdUpstream, err)
+	}
+	return Reply{CodeOK, msgUpdated}
 }
 
 func (s *Server) handleACL(entries []string) Reply {

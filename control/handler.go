@@ -36,7 +36,18 @@ type Handler interface {
 	// ErrMirrorStopped when it was stopped, ErrNotMirroring when there
 	// was none. ctx ends the wait, not the migration.
 	WaitMirror(ctx context.Context) (string, error)
+	// SetUpstreams replaces a proxy's upstream list (at least one entry,
+	// each host:port or a Unix socket path), used from the next
+	// reconnection on. An instance that is not a proxy returns
+	// ErrNotProxy.
+	SetUpstreams(upstreams []string) error
 }
+
+// ErrNotProxy answers a proxy's command sent to a server.
+var ErrNotProxy = errors.New("not a proxy")
+
+// ErrProxy answers a server's command sent to a proxy.
+var ErrProxy = errors.New("not supported by a proxy")
 
 // NoSpeedLimit is the speed limit that does not limit, as the C flexnbd
 // spells it: a mirror started without one, and a status line without

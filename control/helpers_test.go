@@ -35,6 +35,18 @@ type fakeHandler struct {
 	// If set, Mirror signals entered and waits for release or ctx.
 	mirrorEntered chan struct{}
 	mirrorRelease chan struct{}
+	// upstreams is a proxy's list; nil makes the handler a server.
+	upstreams []string
+}
+
+func (h *fakeHandler) SetUpstreams(us []string) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.upstreams == nil {
+		return control.ErrNotProxy
+	}
+	h.upstreams = us
+	return nil
 }
 
 func (h *fakeHandler) Status() control.StatusInfo {

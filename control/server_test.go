@@ -67,6 +67,9 @@ func TestConversation(t *testing.T) {
 		{name: "acl with a bad entry", request: "acl\n127.0.0.1\n300.1.1.1\n\n", reply: "1: bad spec: 300.1.1.1\n",
 			check: func(t *testing.T, h *fakeHandler) { assert.Zero(t, h.aclSet) }},
 
+		{name: "upstream on a server", request: "upstream\n127.0.0.1:10809\n\n", reply: "1: not a proxy\n"},
+		{name: "upstream without addresses", request: "upstream\n\n", reply: "1: upstream takes at least one address\n"},
+
 		{name: "break without a mirror", request: "break\n\n", reply: "1: not mirroring\n"},
 		{name: "break while mirroring", mirroring: true, request: "break\n\n", reply: "0: mirror stopped\n",
 			check: func(t *testing.T, h *fakeHandler) { assert.False(t, h.mirroring) }},

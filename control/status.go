@@ -32,6 +32,26 @@ type StatusInfo struct {
 	Errors              uint64
 	ConnectionsSeen     uint64
 	ConnectionsRejected uint64
+
+	// Proxy, when set, is a proxy's status: the line then carries pid,
+	// these fields and uptime instead of a server's.
+	Proxy *ProxyStatus
+}
+
+// ProxyStatus describes a proxy.
+type ProxyStatus struct {
+	// InUse is the upstream the latest connection reached ("" before
+	// any); Upstreams the list tried, in order.
+	InUse     string
+	Upstreams []string
+	// Clients are the downstream connections, Connected those whose
+	// upstream connection is up.
+	Clients, Connected int
+	Reconnects         uint64
+	// Replayed counts requests sent again after a reconnection; Failed
+	// those answered EIO after --max-outage.
+	Replayed, Failed uint64
+	LongestOutage    time.Duration
 }
 
 // MigrationStatus describes a running migration.
@@ -62,6 +82,24 @@ type Field struct {
 func (s StatusInfo) Fields() []Field {
 	u := func(v uint64) string { return strconv.FormatUint(v, 10) }
 	b := strconv.FormatBool
+	if p := s.Proxy; p != nil {
+		inUse := p.InUse
+		if inUse == "" {
+			inUse = "none"
+		}
+		return []Field{
+			{"pid", strconv.Itoa(s.PID)},
+			{"upstream", inUse},
+			{"upstreams", strings.Join(p.Upstreams, ",")},
+			{"clients", strconv.Itoa(p.Clients)},
+			{"connected", strconv.Itoa(p.Connected)},
+			{"reconnects", u(p.Reconnects)},
+			{"replayed", u(p.Replayed)},
+			{"failed_requests", u(p.Failed)},
+			{"longest_outage_ms", u(uint64(p.LongestOutage / time.Millisecond))},
+			{"uptime", u(uint64(s.Uptime / time.Second))},
+		}
+	}
 	f := []Field{
 		{"pid", strconv.Itoa(s.PID)},
 		{"size", u(s.Size)},

@@ -28,6 +28,9 @@ const (
 	// CmdMirrorWait takes the lines of CmdMirror and answers only once
 	// the migration it started has ended (this implementation's own).
 	CmdMirrorWait = "mirror_wait"
+	// CmdUpstream replaces a proxy's upstream list: one host:port (or
+	// Unix socket path) per line, tried in that order.
+	CmdUpstream = "upstream"
 )
 
 const (

@@ -17,12 +17,8 @@ type Upstream struct {
 	Address string // host:port, or a socket path
 }
 
-func (u Upstream) String() string {
-	if u.Network == "unix" {
-		return "unix:" + u.Address
-	}
-	return u.Address
-}
+// String is the upstream as ParseUpstream reads it.
+func (u Upstream) String() string { return u.Address }
 
 // ParseUpstream reads "host:port", "[v6]:port" or a Unix socket path
 // (anything starting with "/").

@@ -245,6 +245,12 @@ func TestUsageErrors(t *testing.T) {
 		{"missing file", []string{"serve", "-l", "127.0.0.1", "-p", port, "-f", file + ".missing"}, "no such file"},
 		{"read without size", []string{"read", "-l", "127.0.0.1", "-p", port, "-F", "0"}, "--size"},
 		{"non-numeric offset", []string{"write", "-l", "127.0.0.1", "-p", port, "-F", "x", "-S", "1"}, "--from"},
+		{"proxy without upstream", []string{"proxy", "-l", "127.0.0.1", "-p", port}, "--conn-addr"},
+		{"proxy without upstream port", []string{"proxy", "-l", "127.0.0.1", "-p", port, "-C", "127.0.0.1"}, "--conn-port"},
+		{"proxy with a port on a socket", []string{"proxy", "-l", "/tmp/x.sock", "-p", port, "-C", "127.0.0.1", "-P", "1"}, "--port"},
+		{"proxy bad bind", []string{"proxy", "-l", "127.0.0.1", "-p", port, "-C", "127.0.0.1", "-P", "1", "-b", "nope"}, "--bind"},
+		{"proxy bad outage", []string{"proxy", "-l", "127.0.0.1", "-p", port, "-C", "127.0.0.1", "-P", "1", "--max-outage", "soon"}, "--max-outage"},
+		{"upstream without addresses", []string{"upstream", "-s", "/nonexistent.sock"}, "upstream"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -103,9 +103,13 @@ func (h *instance) Status() control.StatusInfo {
 	return info
 }
 
+// SetUpstreams implements control.Handler: a server has none.
+func (h *instance) SetUpstreams([]string) error { return control.ErrNotProxy }
+
 // SetACL builds the new list with the default-deny setting in force and
 // hands it to the server, which disconnects the clients it rejects once
 // their received requests are answered.
+
 func (h *instance) SetACL(entries []string) error {
 	h.aclMu.Lock()
 	defer h.aclMu.Unlock()

@@ -24,6 +24,7 @@ type cli struct {
 	Break       BreakCmd       `cmd:"" name:"break" help:"Abandon the migration of a running flexnbd."`
 	MirrorSpeed MirrorSpeedCmd `cmd:"" name:"mirror-speed" help:"Change the speed limit of a running migration."`
 	Proxy       ProxyCmd       `cmd:"" help:"Forward NBD clients to a server, reconnecting and replaying across its restarts."`
+	Upstream    UpstreamCmd    `cmd:"" help:"Replace the upstream list of a running proxy."`
 	Help        HelpCmd        `cmd:"" help:"Show help for flexnbd or one of its modes."`
 }
 

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"os/signal"
@@ -11,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/flexnbd/flexnbd/control"
 	"github.com/flexnbd/flexnbd/proxy"
 )
 
@@ -24,6 +26,7 @@ type ProxyCmd struct {
 	Bind      string        `short:"b" help:"Local address for upstream connections."`
 	Oldstyle  bool          `help:"Greet clients with the oldstyle handshake (C flexnbd fleets)."`
 	MaxOutage time.Duration `name:"max-outage" help:"Fail requests with EIO once the upstream has been unreachable this long (default: never)."`
+	Sock      string        `short:"s" help:"Control socket path (status, upstream)."`
 	LogFlags
 }
 
@@ -63,8 +66,20 @@ func (c *ProxyCmd) Run() error {
 	defer signal.Stop(sigs)
 	served := make(chan error, 1)
 	go func() { served <- p.Serve(l) }()
+	// The control socket appears once the proxy listens, as for serve.
+	ctl, ctlErr, err := startControl(c.Sock, &proxyHandler{p: p, started: time.Now()}, log)
+	if err != nil {
+		l.Close()
+		<-served
+		return err
+	}
+	defer ctlShutdown(ctl, log)
 	select {
 	case err := <-served:
+		return err
+	case err := <-ctlErr:
+		l.Close()
+		<-served
 		return err
 	case sig := <-sigs:
 		log.Info().Str("signal", sig.String()).Msg("shutting down")
@@ -103,4 +118,52 @@ func (c *ProxyCmd) listen() (net.Listener, error) {
 		return nil, errors.New("--port is required with a TCP address")
 	}
 	return net.Listen("tcp", net.JoinHostPort(c.Addr, strconv.Itoa(int(c.Port))))
+}
+
+// proxyHandler answers the control socket for a proxy: status and
+// upstream; a server's commands are refused.
+type proxyHandler struct {
+	p       *proxy.Proxy
+	started time.Time
+}
+
+func (h *proxyHandler) Status() control.StatusInfo {
+	st := h.p.Status()
+	ups := make([]string, len(st.Upstreams))
+	for i, u := range st.Upstreams {
+		ups[i] = u.String()
+	}
+	return control.StatusInfo{
+		PID:    os.Getpid(),
+		Uptime: time.Since(h.started),
+		Proxy: &control.ProxyStatus{
+			InUse: st.InUse, Upstreams: ups, Clients: st.Clients, Connected: st.Connected,
+			Reconnects: st.Reconnects, Replayed: st.Replayed, Failed: st.FailedRequests,
+			LongestOutage: st.LongestOutage,
+		},
+	}
+}
+
+// SetUpstreams parses every entry before replacing the list, so a typo
+// changes nothing.
+func (h *proxyHandler) SetUpstreams(entries []string) error {
+	us := make([]proxy.Upstream, 0, len(entries))
+	for _, e := range entries {
+		u, err := proxy.ParseUpstream(e)
+		if err != nil {
+			return fmt.Errorf("bad upstream: %s", e)
+		}
+		us = append(us, u)
+	}
+	return h.p.SetUpstreams(us)
+}
+
+func (h *proxyHandler) SetACL([]string) error { return control.ErrProxy }
+func (h *proxyHandler) Mirror(context.Context, control.MirrorRequest) error {
+	return control.ErrProxy
+}
+func (h *proxyHandler) Break(context.Context) error { return control.ErrProxy }
+func (h *proxyHandler) SetMirrorSpeed(uint64) error { return control.ErrProxy }
+func (h *proxyHandler) WaitMirror(context.Context) (string, error) {
+	return "", control.ErrProxy
 }

@@ -102,3 +102,18 @@ func (c *MirrorSpeedCmd) Run() error {
 	}
 	return report(r)
 }
+
+// UpstreamCmd is `flexnbd upstream`.
+type UpstreamCmd struct {
+	controlFlags
+	Upstreams []string `arg:"" name:"upstream" help:"The proxy's new upstreams, host:port or a Unix socket path, tried in this order at its next reconnection."`
+}
+
+// Run replaces a running proxy's upstream list.
+func (c *UpstreamCmd) Run() error {
+	r, err := c.do(control.CmdUpstream, c.Upstreams...)
+	if err != nil {
+		return err
+	}
+	return report(r)
+}

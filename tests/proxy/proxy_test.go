@@ -3,6 +3,7 @@ package proxy
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"os/exec"
@@ -311,4 +312,92 @@ func TestStoppedServerCannotOvertakeReplays(t *testing.T) {
 	text := p.Stderr.Text()
 	assert.Contains(t, text, "upstream reconnected", "the proxy gave up on the stopped server")
 	assert.NotContains(t, text, "does not take fences")
+}
+
+// The orchestrator's recipe: point the proxy at the destination first and
+// the source second, then migrate. The destination refuses clients until
+// the hand-off, so the proxy stays on the source; at the hand-off its
+// clients move to the destination, their held writes replayed there.
+func TestMigrationBehindTheProxy(t *testing.T) {
+	const size = 32 << 20
+	dir := t.TempDir()
+	srcFile, dstFile := filepath.Join(dir, "src.img"), filepath.Join(dir, "dst.img")
+	for _, f := range []string{srcFile, dstFile} {
+		require.NoError(t, os.WriteFile(f, nil, 0o644))
+		require.NoError(t, os.Truncate(f, size))
+	}
+	srcSock, proxySock := filepath.Join(dir, "src.sock"), filepath.Join(dir, "proxy.sock")
+	srcPort, dstPort := testproc.FreePort(t), testproc.FreePort(t)
+	src := testproc.Start(t, "", bin, "serve", "--addr", "127.0.0.1", "--port", testproc.Itoa(srcPort),
+		"--file", srcFile, "--sock", srcSock, "-v")
+	src.Stderr.WaitFor(t, "control socket ready")
+	dst := testproc.Start(t, "", bin, "listen", "--addr", "127.0.0.1", "--port", testproc.Itoa(dstPort),
+		"--file", dstFile, "--then-serve", "-v")
+	dst.Stderr.WaitFor(t, "waiting for a migration")
+	srcAddr, dstAddr := "127.0.0.1:"+testproc.Itoa(srcPort), "127.0.0.1:"+testproc.Itoa(dstPort)
+	p, addr := startProxy(t, srcAddr, "--sock", proxySock)
+	p.Stderr.WaitFor(t, "control socket ready")
+
+	out, errOut, code := testproc.Run(t, nil, bin, "upstream", "--sock", proxySock, dstAddr, srcAddr)
+	require.Zero(t, code, errOut)
+	assert.Equal(t, "updated\n", out)
+
+	s := &testserver.Stamper{Blocks: 512}
+	ctx, stop := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		s.Run(ctx, t, addr, 4, 0)
+	}()
+	time.Sleep(300 * time.Millisecond)
+	out, errOut, code = testproc.Run(t, nil, bin, "mirror", "--sock", srcSock, "--addr", "127.0.0.1",
+		"--port", testproc.Itoa(dstPort), "--wait")
+	require.Zero(t, code, "mirror: %s %s", out, errOut)
+	assert.Zero(t, src.Wait(t), "the source exits 0 after the hand-off")
+	before := s.Writes()
+	time.Sleep(300 * time.Millisecond)
+	out, errOut, code = testproc.Run(t, nil, bin, "status", "--sock", proxySock, "--json")
+	require.Zero(t, code, errOut)
+	var st map[string]any
+	require.NoError(t, json.Unmarshal([]byte(out), &st))
+	assert.Equal(t, dstAddr, st["upstream"], "the proxy is on the destination")
+	assert.Equal(t, dstAddr+","+srcAddr, st["upstreams"])
+	assert.Positive(t, st["reconnects"])
+	assert.Equal(t, float64(4), st["clients"])
+	stop()
+	<-done
+	require.Zero(t, s.Errs(), "no client saw an error across the migration")
+	assert.Greater(t, s.Writes(), before, "the clients went on writing, to the destination")
+	s.Verify(t, dstFile)
+}
+
+// The proxy's control socket: status, upstream, and a clear refusal of a
+// server's commands; a server refuses upstream.
+func TestProxyControlSocket(t *testing.T) {
+	b := newBackend(t, 1<<20)
+	b.start(t)
+	sock := filepath.Join(t.TempDir(), "proxy.sock")
+	p, _ := startProxy(t, b.addr(), "--sock", sock)
+	p.Stderr.WaitFor(t, "control socket ready")
+
+	out, errOut, code := testproc.Run(t, nil, bin, "status", "--sock", sock)
+	require.Zero(t, code, errOut)
+	assert.Regexp(t, `^pid=\d+ upstream=none upstreams=`+b.addr()+` clients=0 connected=0 reconnects=0 replayed=0 `+
+		`failed_requests=0 longest_outage_ms=0 uptime=\d+ \n$`, out)
+
+	_, errOut, code = testproc.Run(t, nil, bin, "upstream", "--sock", sock, "127.0.0.1:1", "bogus")
+	assert.Equal(t, 1, code)
+	assert.Equal(t, "bad upstream: bogus\n", errOut)
+	out, _, _ = testproc.Run(t, nil, bin, "status", "--sock", sock)
+	assert.Contains(t, out, "upstreams="+b.addr()+" ", "a refused list changes nothing")
+
+	out, errOut, code = testproc.Run(t, nil, bin, "upstream", "--sock", sock, "/run/other.sock", b.addr())
+	require.Zero(t, code, errOut)
+	assert.Equal(t, "updated\n", out)
+	out, _, _ = testproc.Run(t, nil, bin, "status", "--sock", sock)
+	assert.Contains(t, out, "upstreams=/run/other.sock,"+b.addr()+" ")
+
+	_, errOut, code = testproc.Run(t, nil, bin, "acl", "--sock", sock, "127.0.0.1")
+	assert.Equal(t, 1, code)
+	assert.Equal(t, "not supported by a proxy\n", errOut)
 }
