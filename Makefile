@@ -53,11 +53,15 @@ serve: build
 	exec $(BIN) serve --addr $(ADDR) --port $(PORT) --file $(DEMO_IMG) --verbose
 
 man:
-	@man -l -Tutf8 man/flexnbd.1 2>/dev/null | col -b || groff -man -Tutf8 man/flexnbd.1
+	@for m in man/*.1; do man -l -Tutf8 $$m 2>/dev/null | col -b || groff -man -Tutf8 $$m; done
 
+# The proxy is the same binary under the name flexnbd-proxy, as the C
+# flexnbd ships it.
 install: build
 	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/flexnbd
+	ln -sf flexnbd $(DESTDIR)$(PREFIX)/bin/flexnbd-proxy
 	install -D -m 0644 man/flexnbd.1 $(DESTDIR)$(PREFIX)/share/man/man1/flexnbd.1
+	install -D -m 0644 man/flexnbd-proxy.1 $(DESTDIR)$(PREFIX)/share/man/man1/flexnbd-proxy.1
 
 clean:
 	rm -rf bin

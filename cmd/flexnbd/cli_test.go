@@ -432,3 +432,17 @@ func TestServeLogging(t *testing.T) {
 		}
 	})
 }
+
+// Installed as a link named flexnbd-proxy, the binary is the proxy mode,
+// with the C flexnbd-proxy's flags.
+func TestRunAsFlexnbdProxy(t *testing.T) {
+	link := filepath.Join(t.TempDir(), "flexnbd-proxy")
+	require.NoError(t, os.Symlink(flexnbdBin, link))
+	stdout, stderr, code := testproc.Run(t, nil, link, "--help")
+	require.Zero(t, code, stderr)
+	assert.Contains(t, stdout, "--conn-addr")
+	assert.Contains(t, stdout, "--conn-port")
+	_, stderr, code = testproc.Run(t, nil, link, "-l", "127.0.0.1", "-p", "1")
+	assert.Equal(t, 1, code)
+	assert.Equal(t, "flexnbd: missing flags: --conn-addr=STRING\n", stderr)
+}
