@@ -32,6 +32,11 @@ type ClientOptions struct {
 	// refuses it (it has seen a newer generation) fails the handshake.
 	FenceKey string
 	FenceGen uint64
+	// OnIdle, if set, is called by the reply reader each time it has
+	// handled every reply received so far and is about to wait for more:
+	// where a caller answering in callbacks (StartAsync) flushes what it
+	// buffered.
+	OnIdle func()
 }
 
 // ErrClientClosed is returned for requests on a client that was closed.
@@ -52,6 +57,11 @@ type Client struct {
 
 	// wmu serialises request writes so headers and payloads never interleave.
 	wmu sync.Mutex
+	// queued holds requests StartAsync wrote but did not send yet (under
+	// wmu); FlushRequests or the next synchronous send sends them.
+	queued []byte
+	// onIdle is ClientOptions.OnIdle.
+	onIdle func()
 
 	// owned by the reader goroutine
 	br           *bufio.Reader
@@ -72,6 +82,8 @@ type call struct {
 	extents []Extent
 	covered uint64 // bytes of a structured READ described so far
 	done    chan struct{}
+	// fn, for StartAsync, is called instead of signalling done.
+	fn func([]Extent, error)
 
 	// request encoding, owned by Do
 	hdr   [RequestHeaderSize]byte
@@ -127,6 +139,7 @@ func NewClient(conn net.Conn, opts *ClientOptions) (*Client, error) {
 		pending:    make(map[uint64]*call),
 		nextCookie: 1,
 		readerDone: make(chan struct{}),
+		onIdle:     opts.OnIdle,
 	}
 	go c.readLoop()
 	return c, nil
@@ -425,8 +438,12 @@ func (c *Client) start(ctx context.Context, req Request, payload []byte, src *fi
 	if req.Type == CmdWrite && len(payload) > 0 {
 		cl.bufs = append(cl.bufs, payload)
 	}
-	cl.wbufs = cl.bufs // WriteTo consumes what it is given
 	c.wmu.Lock()
+	cl.wbufs = cl.bufs // WriteTo consumes what it is given
+	if len(c.queued) > 0 {
+		// Requests queued by StartAsync go first, in their order.
+		cl.wbufs = append(net.Buffers{c.queued}, cl.bufs...)
+	}
 	// A server that stops reading leaves the send blocked: the context
 	// must reach it too, or a timeout would never fire. Background
 	// contexts cannot end, and cost nothing here.
@@ -436,10 +453,16 @@ func (c *Client) start(ctx context.Context, req Request, payload []byte, src *fi
 	}
 	var err error
 	if src != nil {
-		err = c.sendFromFile(cl.bufs[0], src)
+		if len(c.queued) > 0 {
+			_, err = c.conn.Write(c.queued)
+		}
+		if err == nil {
+			err = c.sendFromFile(cl.bufs[0], src)
+		}
 	} else {
 		_, err = cl.wbufs.WriteTo(c.conn)
 	}
+	c.queued = c.queued[:0]
 	if stop != nil {
 		stop()
 	}
@@ -587,9 +610,10 @@ func (c *Client) sendDisc() (sent bool, err error) {
 	if !alive {
 		return false, nil
 	}
-	var hdr [RequestHeaderSize]byte
 	c.wmu.Lock()
-	_, err = c.conn.Write(AppendRequest(hdr[:0], Request{Type: CmdDisc}))
+	c.queued = AppendRequest(c.queued, Request{Type: CmdDisc})
+	_, err = c.conn.Write(c.queued)
+	c.queued = c.queued[:0]
 	c.wmu.Unlock()
 	if err != nil {
 		return false, fmt.Errorf("nbd: send disconnect: %w", err)
@@ -609,7 +633,7 @@ func (c *Client) readLoop() {
 	_ = c.conn.Close()
 	for _, cl := range pending {
 		cl.errno = errConnLost
-		cl.done <- struct{}{}
+		c.complete(cl)
 	}
 	close(c.readerDone)
 }
@@ -617,6 +641,9 @@ func (c *Client) readLoop() {
 func (c *Client) readReplies() error {
 	var hb [ChunkHeaderSize]byte
 	for {
+		if c.onIdle != nil && c.br.Buffered() == 0 {
+			c.onIdle()
+		}
 		if _, err := io.ReadFull(c.br, hb[:4]); err != nil {
 			return fmt.Errorf("nbd: read reply: %w", err)
 		}
@@ -654,7 +681,7 @@ func (c *Client) readReplies() error {
 			c.mu.Lock()
 			delete(c.pending, h.Cookie)
 			c.mu.Unlock()
-			cl.done <- struct{}{}
+			c.complete(cl)
 		}
 	}
 }

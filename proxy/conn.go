@@ -35,17 +35,21 @@ type op struct {
 	req     nbd.Request // as the client sent it (its cookie)
 	payload []byte      // WRITE data
 	buf     []byte      // READ destination
-	sent    bool        // sent upstream at least once (owned by the sender)
 	done    atomic.Bool // answered downstream
+	// under conn.pmu
+	sends  int       // times sent upstream
+	sentAt time.Time // latest send
+	gen    uint64    // connection generation of the latest send
 }
 
 // conn is one downstream client and its upstream connection.
 //
 // The reader decodes requests in arrival order and hands them to the
-// sender, which alone sends upstream, in that order; a waiter goroutine
-// per request collects the reply and answers the client. When the
-// upstream connection fails, the sender connects again and sends every
-// unanswered request again, oldest first, before any newer one.
+// sender, which alone sends upstream, in that order, in batches; the
+// upstream client's reader answers each reply as it comes, and the
+// answers gathered meanwhile are written together. When the upstream
+// connection fails, the sender connects again and sends every unanswered
+// request again, oldest first, before any newer one.
 type conn struct {
 	p   *Proxy
 	nc  net.Conn
@@ -59,17 +63,20 @@ type conn struct {
 	sess  *nbd.Session // downstream
 	fence fence        // owned by the sender once serving
 
-	ops        chan *op      // reader to sender
-	wake       chan struct{} // waiters to sender: the upstream failed
-	up         *nbd.Client   // owned by the sender
+	ops        chan *op                   // reader to sender
+	wake       chan struct{}              // to the sender: look at the upstream connection
+	up         *nbd.Client                // owned by the sender
+	upShared   atomic.Pointer[nbd.Client] // up, for the watchdog
+	gen        atomic.Uint64              // generation of up
+	stale      atomic.Bool                // a reply is overdue: give up on up
 	pending    map[uint64]*op
-	pmu        sync.Mutex // guards pending
+	pmu        sync.Mutex // guards pending and the ops' send fields
 	unanswered sync.WaitGroup
 	connected  atomic.Bool
 	draining   atomic.Bool
 
-	wmu sync.Mutex // serialises replies
-	hdr []byte     // reply header scratch, under wmu
+	wmu sync.Mutex // guards out and the downstream writes
+	out []byte     // replies not yet written
 }
 
 func newConn(p *Proxy, nc net.Conn) *conn {
@@ -116,12 +123,13 @@ func (c *conn) serve() {
 		giveUp = time.Now().Add(c.p.cfg.MaxOutage)
 	}
 	// The client is greeted once an upstream has told us what to offer.
-	up, err := c.p.connect(c.ctx, 0, giveUp, &c.fence)
+	up, err := c.p.connect(c.ctx, 0, giveUp, &c.fence, c.flushOut)
 	if err != nil {
 		c.log.Warn().Err(err).Msg("no upstream for a new client; closing it")
 		return
 	}
 	c.up, c.size = up, up.Size()
+	c.upShared.Store(up)
 	c.connected.Store(true)
 	c.noteFence()
 	defer func() {
@@ -150,6 +158,7 @@ func (c *conn) serve() {
 		defer close(sent)
 		c.sendLoop()
 	}()
+	go c.watchdog()
 	reason := c.readLoop()
 	close(c.ops)
 	<-sent
@@ -164,6 +173,7 @@ func (c *conn) serve() {
 	case <-answered:
 	case <-c.ctx.Done():
 	}
+	c.flushOut()
 	c.log.Info().Str("reason", reason).Msg("client disconnected")
 }
 
@@ -197,11 +207,12 @@ func (c *conn) readLoop() string {
 				return "request too large"
 			}
 			if req.Type == nbd.CmdRead {
-				o.buf = make([]byte, req.Length)
+				o.buf = getBuf(int(req.Length))
 				break
 			}
-			o.payload = make([]byte, req.Length)
+			o.payload = getBuf(int(req.Length))
 			if _, err := io.ReadFull(c.br, o.payload); err != nil {
+				putBuf(o.payload)
 				return "short write payload"
 			}
 		}
@@ -216,7 +227,8 @@ func (c *conn) readLoop() string {
 }
 
 // sendLoop sends requests upstream in arrival order and reconnects and
-// replays when the upstream connection fails.
+// replays when the upstream connection fails. Requests that arrive
+// together leave together: each batch is queued and sent in one write.
 func (c *conn) sendLoop() {
 	for {
 		select {
@@ -224,20 +236,83 @@ func (c *conn) sendLoop() {
 			if !ok {
 				return
 			}
-			c.pmu.Lock()
-			c.pending[o.seq] = o
-			c.pmu.Unlock()
-			if c.up == nil || c.up.Err() != nil {
-				c.reconnect()
-				continue // reconnect sent it with the others
+			c.enqueue(o)
+		batch:
+			for range 64 {
+				select {
+				case o, ok := <-c.ops:
+					if !ok {
+						c.flushUp()
+						return
+					}
+					c.enqueue(o)
+				default:
+					break batch
+				}
 			}
-			c.send(o)
+			c.flushUp()
 		case <-c.wake:
-			if c.up != nil && c.up.Err() != nil {
+			if c.broken() {
 				c.reconnect()
 			}
 		case <-c.ctx.Done():
 			return
+		}
+	}
+}
+
+// broken reports whether the upstream connection must be replaced.
+func (c *conn) broken() bool {
+	return c.up == nil || c.up.Err() != nil || c.stale.Load()
+}
+
+// enqueue makes o pending and sends it, or reconnects first.
+func (c *conn) enqueue(o *op) {
+	c.pmu.Lock()
+	c.pending[o.seq] = o
+	c.pmu.Unlock()
+	if c.broken() {
+		c.reconnect() // sends o with the others
+		return
+	}
+	c.send(o)
+}
+
+func (c *conn) flushUp() {
+	if c.up != nil && c.up.FlushRequests() != nil {
+		c.kick()
+	}
+}
+
+// watchdog gives up on an upstream connection whose oldest request has
+// waited longer than the timeout for its reply.
+func (c *conn) watchdog() {
+	tick := time.NewTicker(min(max(c.p.cfg.Timeout/4, 10*time.Millisecond), time.Second))
+	defer tick.Stop()
+	for {
+		select {
+		case <-c.ctx.Done():
+			return
+		case <-tick.C:
+		}
+		gen := c.gen.Load()
+		var oldest time.Time
+		c.pmu.Lock()
+		for _, o := range c.pending {
+			if o.gen == gen && o.sends > 0 && (oldest.IsZero() || o.sentAt.Before(oldest)) {
+				oldest = o.sentAt
+			}
+		}
+		c.pmu.Unlock()
+		if !oldest.IsZero() && time.Since(oldest) > c.p.cfg.Timeout && !c.stale.Load() {
+			c.log.Warn().Dur("waited", time.Since(oldest)).Msg("upstream reply overdue")
+			c.stale.Store(true)
+			// Closing the connection also frees a sender waiting for
+			// a slot among requests that will never be answered.
+			if up := c.upShared.Load(); up != nil {
+				up.Abort()
+			}
+			c.kick()
 		}
 	}
 }
@@ -250,40 +325,40 @@ func upstreamRequest(r nbd.Request) nbd.Request {
 	return r
 }
 
-// send starts o on the current upstream connection and leaves a waiter
-// for its reply.
+// send queues o on the current upstream connection; its reply is answered
+// on the upstream reader goroutine.
 func (c *conn) send(o *op) {
+	c.pmu.Lock()
 	if o.done.Load() {
+		c.pmu.Unlock()
 		return
 	}
-	if o.sent {
+	o.sends++
+	o.sentAt = time.Now()
+	o.gen = c.gen.Load()
+	replay := o.sends > 1
+	c.pmu.Unlock()
+	if replay {
 		c.p.stats.replayed.Add(1)
 	}
-	o.sent = true
 	up := c.up
 	if o.req.Type == nbd.CmdBlockStatus && up.Session().AllocationContext == 0 {
 		// An upstream without base:allocation: everything is data, which
 		// is always a correct answer.
-		c.answer(o, []nbd.Extent{{Length: o.req.Length}}, nil)
+		c.answer(o, []nbd.Extent{{Length: o.req.Length}}, nil, true)
 		return
 	}
-	ctx, cancel := context.WithTimeout(c.ctx, c.p.cfg.Timeout)
-	pend, err := up.Start(ctx, upstreamRequest(o.req), o.payload, o.buf)
-	if err != nil {
-		cancel()
-		c.kick()
-		return
-	}
-	go func() {
-		ext, err := pend.Wait()
-		cancel()
+	err := up.StartAsync(upstreamRequest(o.req), o.payload, o.buf, func(ext []nbd.Extent, err error) {
 		if err != nil && !isReply(err) {
 			// The connection failed: o stays pending and is sent again.
 			c.kick()
 			return
 		}
-		c.answer(o, ext, err)
-	}()
+		c.answer(o, ext, err, false)
+	})
+	if err != nil {
+		c.kick()
+	}
 }
 
 // isReply tells an error the server sent from a failed connection.
@@ -318,9 +393,12 @@ func (c *conn) reconnect() {
 		giveUp = start.Add(c.p.cfg.MaxOutage)
 	}
 	for {
-		up, err := c.p.connect(c.ctx, c.size, giveUp, &c.fence)
+		up, err := c.p.connect(c.ctx, c.size, giveUp, &c.fence, c.flushOut)
 		if err == nil {
 			c.up = up
+			c.upShared.Store(up)
+			c.gen.Add(1)
+			c.stale.Store(false)
 			break
 		}
 		if c.ctx.Err() != nil {
@@ -349,6 +427,7 @@ func (c *conn) reconnect() {
 	for _, o := range ops {
 		c.send(o)
 	}
+	c.flushUp()
 }
 
 // noteFence warns when the upstream cannot fence: a replay after a
@@ -369,7 +448,7 @@ func (c *conn) failPending() {
 	c.pmu.Unlock()
 	for _, o := range ops {
 		c.p.stats.failed.Add(1)
-		c.answer(o, nil, nbd.EIO)
+		c.answer(o, nil, nbd.EIO, true)
 	}
 }
 
@@ -385,7 +464,7 @@ func (c *conn) drainFailing() bool {
 				return true
 			}
 			c.p.stats.failed.Add(1)
-			c.answer(o, nil, nbd.EIO)
+			c.answer(o, nil, nbd.EIO, true)
 		case <-t.C:
 			return false
 		case <-c.ctx.Done():
@@ -394,13 +473,18 @@ func (c *conn) drainFailing() bool {
 	}
 }
 
-// answer sends o's reply to the client, once.
-func (c *conn) answer(o *op, ext []nbd.Extent, err error) {
+// answer sends o's reply to the client, once. Replies are gathered and
+// written together when the upstream reader has nothing more to hand
+// over (flushOut), or at once with flush.
+func (c *conn) answer(o *op, ext []nbd.Extent, err error, flush bool) {
 	if !o.done.CompareAndSwap(false, true) {
 		return
 	}
 	c.pmu.Lock()
 	delete(c.pending, o.seq)
+	// A request sent once is referenced by nobody else now; one sent
+	// again may still be in a connection's hands.
+	recycle := o.sends <= 1
 	c.pmu.Unlock()
 	defer c.unanswered.Done()
 	var errno nbd.Errno
@@ -416,32 +500,71 @@ func (c *conn) answer(o *op, ext []nbd.Extent, err error) {
 	}
 	cookie := o.req.Cookie
 	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	h := c.hdr[:0]
 	var data []byte
 	switch {
 	case errno != 0 && c.sess.Structured:
-		h = nbd.AppendErrorChunk(h, nbd.ReplyFlagDone, cookie, errno, msg)
+		c.out = nbd.AppendErrorChunk(c.out, nbd.ReplyFlagDone, cookie, errno, msg)
 	case errno != 0:
-		h = nbd.AppendSimpleReply(h, errno, cookie)
+		c.out = nbd.AppendSimpleReply(c.out, errno, cookie)
 	case o.req.Type == nbd.CmdRead && c.sess.Structured:
-		h = nbd.AppendOffsetDataHeader(h, nbd.ReplyFlagDone, cookie, o.req.Offset, o.req.Length)
+		c.out = nbd.AppendOffsetDataHeader(c.out, nbd.ReplyFlagDone, cookie, o.req.Offset, o.req.Length)
 		data = o.buf
 	case o.req.Type == nbd.CmdRead:
-		h = nbd.AppendSimpleReply(h, 0, cookie)
+		c.out = nbd.AppendSimpleReply(c.out, 0, cookie)
 		data = o.buf
 	case o.req.Type == nbd.CmdBlockStatus:
-		h = nbd.AppendBlockStatus(h, nbd.ReplyFlagDone, cookie, c.sess.AllocationContext, ext)
+		c.out = nbd.AppendBlockStatus(c.out, nbd.ReplyFlagDone, cookie, c.sess.AllocationContext, ext)
 	default:
-		h = nbd.AppendSimpleReply(h, 0, cookie)
+		c.out = nbd.AppendSimpleReply(c.out, 0, cookie)
 	}
-	c.hdr = h
-	bufs := net.Buffers{h}
-	if len(data) > 0 {
-		bufs = append(bufs, data)
+	var werr error
+	switch {
+	case len(data) > inlineReply:
+		bufs := net.Buffers{c.out, data}
+		_, werr = bufs.WriteTo(c.nc)
+		c.out = c.out[:0]
+	case len(data) > 0:
+		c.out = append(c.out, data...)
 	}
-	if _, err := bufs.WriteTo(c.nc); err != nil {
+	if werr == nil && (flush || len(c.out) >= maxQueuedReplies) {
+		werr = c.writeOut()
+	}
+	c.wmu.Unlock()
+	if recycle {
+		putBuf(o.buf)
+		putBuf(o.payload)
+	}
+	if werr != nil {
+		c.log.Debug().Err(werr).Msg("reply not delivered")
+		c.abort()
+	}
+}
+
+// Replies with up to inlineReply bytes of data are gathered in out; longer
+// ones are written at once with what is gathered. maxQueuedReplies bounds
+// out.
+const (
+	inlineReply      = 32 << 10
+	maxQueuedReplies = 256 << 10
+)
+
+// flushOut writes the gathered replies.
+func (c *conn) flushOut() {
+	c.wmu.Lock()
+	err := c.writeOut()
+	c.wmu.Unlock()
+	if err != nil {
 		c.log.Debug().Err(err).Msg("reply not delivered")
 		c.abort()
 	}
+}
+
+// writeOut writes out; the caller holds wmu.
+func (c *conn) writeOut() error {
+	if len(c.out) == 0 {
+		return nil
+	}
+	_, err := c.nc.Write(c.out)
+	c.out = c.out[:0]
+	return err
 }

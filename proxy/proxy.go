@@ -197,10 +197,10 @@ func (p *Proxy) Status() Status {
 // dialOnce tries every upstream once, in order, and returns the first
 // connection whose handshake succeeds and whose size is want (any size
 // when want is 0).
-func (p *Proxy) dialOnce(ctx context.Context, want uint64, f *fence) (*nbd.Client, Upstream, error) {
+func (p *Proxy) dialOnce(ctx context.Context, want uint64, f *fence, onIdle func()) (*nbd.Client, Upstream, error) {
 	var errs []error
 	for _, u := range p.Upstreams() {
-		c, err := p.dial(ctx, u, f)
+		c, err := p.dial(ctx, u, f, onIdle)
 		if err == nil && want != 0 && c.Size() != want {
 			c.Abort()
 			err = fmt.Errorf("export size %d, expected %d", c.Size(), want)
@@ -224,7 +224,7 @@ type fence struct {
 	gen uint64
 }
 
-func (p *Proxy) dial(ctx context.Context, u Upstream, f *fence) (*nbd.Client, error) {
+func (p *Proxy) dial(ctx context.Context, u Upstream, f *fence, onIdle func()) (*nbd.Client, error) {
 	ctx, cancel := context.WithTimeout(ctx, p.cfg.Timeout)
 	defer cancel()
 	d := net.Dialer{}
@@ -242,6 +242,7 @@ func (p *Proxy) dial(ctx context.Context, u Upstream, f *fence) (*nbd.Client, er
 		HandshakeTimeout: time.Until(deadline),
 		FenceKey:         f.key,
 		FenceGen:         f.gen,
+		OnIdle:           onIdle,
 	})
 	if err != nil {
 		nc.Close()
@@ -254,10 +255,10 @@ func (p *Proxy) dial(ctx context.Context, u Upstream, f *fence) (*nbd.Client, er
 // MaxOutage set, giveUp passes (then it returns errOutage). The first
 // round starts at once; later ones after an exponential backoff with
 // jitter, capped at RetryMax.
-func (p *Proxy) connect(ctx context.Context, want uint64, giveUp time.Time, f *fence) (*nbd.Client, error) {
+func (p *Proxy) connect(ctx context.Context, want uint64, giveUp time.Time, f *fence, onIdle func()) (*nbd.Client, error) {
 	backoff := 50 * time.Millisecond
 	for round := 0; ; round++ {
-		c, u, err := p.dialOnce(ctx, want, f)
+		c, u, err := p.dialOnce(ctx, want, f, onIdle)
 		if err == nil {
 			s := u.String()
 			p.stats.inUse.Store(&s)
