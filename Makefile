@@ -8,7 +8,7 @@ ADDR      ?= 127.0.0.1
 PORT      ?= 10809
 GOFILES   := $(shell find . -name '*.go' -not -path './.git/*')
 
-.PHONY: all build test vet fmt-check race unit bench bench-migrate serve man install clean
+.PHONY: all build test vet fmt-check race unit bench bench-migrate bench-proxy serve man install clean
 
 all: build
 
@@ -34,6 +34,12 @@ fmt-check:
 # same file; see docs/BENCHMARKS.md.
 bench: build
 	scripts/bench.sh
+
+# The proxy against direct access to the same flexnbd serve, and nbdkit's
+# nbd plugin as a proxy for reference; see docs/BENCHMARKS.md.
+bench-proxy: build
+	SERVERS="flexnbd flexnbd-proxy nbdkit-proxy" SUBJECT=flexnbd-proxy REFERENCE=flexnbd \
+		WORKLOADS="$${WORKLOADS:-rr4k_qd32 rw4k_qd32 sr1m_qd8}" scripts/bench.sh
 
 # Migration benchmark: flexnbd mirror against nbdcopy into nbdkit, sparse
 # against dense exports, and the longest client write across a hand-off;

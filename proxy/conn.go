@@ -44,12 +44,13 @@ type op struct {
 
 // conn is one downstream client and its upstream connection.
 //
-// The reader decodes requests in arrival order and hands them to the
-// sender, which alone sends upstream, in that order, in batches; the
-// upstream client's reader answers each reply as it comes, and the
-// answers gathered meanwhile are written together. When the upstream
-// connection fails, the sender connects again and sends every unanswered
-// request again, oldest first, before any newer one.
+// The reader decodes requests and sends them upstream itself, in arrival
+// order, queued until it has read every request at hand and then sent
+// together; the upstream client's reader answers each reply as it comes,
+// and the answers gathered meanwhile are written together. When the
+// upstream connection fails, the reconnector connects again and sends
+// every unanswered request again, oldest first, before any newer one
+// (smu orders the two senders).
 type conn struct {
 	p   *Proxy
 	nc  net.Conn
@@ -63,12 +64,15 @@ type conn struct {
 	sess  *nbd.Session // downstream
 	fence fence        // owned by the sender once serving
 
-	ops        chan *op                   // reader to sender
-	wake       chan struct{}              // to the sender: look at the upstream connection
-	up         *nbd.Client                // owned by the sender
+	// smu orders sends: the reader's, and the reconnector's replays.
+	smu        sync.Mutex
+	up         *nbd.Client                // under smu
+	failing    bool                       // under smu: MaxOutage passed; answer EIO
 	upShared   atomic.Pointer[nbd.Client] // up, for the watchdog
 	gen        atomic.Uint64              // generation of up
 	stale      atomic.Bool                // a reply is overdue: give up on up
+	wake       chan struct{}              // to the reconnector
+	slots      chan struct{}              // bounds the requests read and not answered
 	pending    map[uint64]*op
 	pmu        sync.Mutex // guards pending and the ops' send fields
 	unanswered sync.WaitGroup
@@ -88,8 +92,8 @@ func newConn(p *Proxy, nc net.Conn) *conn {
 		log:     p.log.With().Str("client", nc.RemoteAddr().String()).Logger(),
 		ctx:     ctx,
 		cancel:  cancel,
-		ops:     make(chan *op, 16),
 		wake:    make(chan struct{}, 1),
+		slots:   make(chan struct{}, 2*p.cfg.MaxInFlight),
 		pending: map[uint64]*op{},
 		fence:   fence{key: newFenceKey()},
 	}
@@ -134,9 +138,11 @@ func (c *conn) serve() {
 	c.noteFence()
 	defer func() {
 		c.connected.Store(false)
+		c.smu.Lock()
 		if c.up != nil {
 			c.up.Close()
 		}
+		c.smu.Unlock()
 	}()
 	info := nbd.ExportInfo{Size: c.size, Flags: up.Flags() & passFlags}
 	_ = c.nc.SetDeadline(time.Now().Add(handshakeTimeout))
@@ -153,15 +159,13 @@ func (c *conn) serve() {
 		return
 	}
 
-	sent := make(chan struct{})
+	reconnector := make(chan struct{})
 	go func() {
-		defer close(sent)
-		c.sendLoop()
+		defer close(reconnector)
+		c.reconnector()
 	}()
 	go c.watchdog()
 	reason := c.readLoop()
-	close(c.ops)
-	<-sent
 	// Everything read is answered (or the client is gone) before the
 	// upstream connection closes.
 	answered := make(chan struct{})
@@ -174,6 +178,8 @@ func (c *conn) serve() {
 	case <-c.ctx.Done():
 	}
 	c.flushOut()
+	c.cancel()
+	<-reconnector
 	c.log.Info().Str("reason", reason).Msg("client disconnected")
 }
 
@@ -181,6 +187,12 @@ func (c *conn) serve() {
 func (c *conn) readLoop() string {
 	var h [nbd.RequestHeaderSize]byte
 	for seq := uint64(1); ; seq++ {
+		if c.br.Buffered() == 0 {
+			// Every request at hand is queued: send them before waiting.
+			c.smu.Lock()
+			c.flushUp()
+			c.smu.Unlock()
+		}
 		if _, err := io.ReadFull(c.br, h[:]); err != nil {
 			if c.draining.Load() {
 				return "proxy shutting down"
@@ -195,15 +207,22 @@ func (c *conn) readLoop() string {
 			c.log.Warn().Err(err).Msg("bad request; dropping the client")
 			return "bad request"
 		}
+		select {
+		case c.slots <- struct{}{}:
+		case <-c.ctx.Done():
+			return "aborted"
+		}
 		o := &op{seq: seq, req: req}
 		switch req.Type {
 		case nbd.CmdDisc:
+			<-c.slots
 			return "DISC"
 		case nbd.CmdWrite, nbd.CmdRead:
 			if req.Length > nbd.DefaultMaxPayload {
 				// The C proxy drops such a client too: its payload
 				// would have to be buffered whole for a replay.
 				c.log.Warn().Uint32("length", req.Length).Msg("request over 32 MiB; dropping the client")
+				<-c.slots
 				return "request too large"
 			}
 			if req.Type == nbd.CmdRead {
@@ -213,71 +232,42 @@ func (c *conn) readLoop() string {
 			o.payload = getBuf(int(req.Length))
 			if _, err := io.ReadFull(c.br, o.payload); err != nil {
 				putBuf(o.payload)
+				<-c.slots
 				return "short write payload"
 			}
 		}
 		c.unanswered.Add(1)
-		select {
-		case c.ops <- o:
-		case <-c.ctx.Done():
-			c.unanswered.Done()
-			return "aborted"
-		}
+		c.submit(o)
 	}
 }
 
-// sendLoop sends requests upstream in arrival order and reconnects and
-// replays when the upstream connection fails. Requests that arrive
-// together leave together: each batch is queued and sent in one write.
-func (c *conn) sendLoop() {
-	for {
-		select {
-		case o, ok := <-c.ops:
-			if !ok {
-				return
-			}
-			c.enqueue(o)
-		batch:
-			for range 64 {
-				select {
-				case o, ok := <-c.ops:
-					if !ok {
-						c.flushUp()
-						return
-					}
-					c.enqueue(o)
-				default:
-					break batch
-				}
-			}
-			c.flushUp()
-		case <-c.wake:
-			if c.broken() {
-				c.reconnect()
-			}
-		case <-c.ctx.Done():
-			return
-		}
+// submit sends o upstream, or leaves it pending for the reconnector, or
+// fails it when the outage has outlasted MaxOutage.
+func (c *conn) submit(o *op) {
+	c.smu.Lock()
+	defer c.smu.Unlock()
+	if c.failing {
+		c.p.stats.failed.Add(1)
+		c.answer(o, nil, nbd.EIO, true)
+		return
 	}
-}
-
-// broken reports whether the upstream connection must be replaced.
-func (c *conn) broken() bool {
-	return c.up == nil || c.up.Err() != nil || c.stale.Load()
-}
-
-// enqueue makes o pending and sends it, or reconnects first.
-func (c *conn) enqueue(o *op) {
 	c.pmu.Lock()
 	c.pending[o.seq] = o
 	c.pmu.Unlock()
 	if c.broken() {
-		c.reconnect() // sends o with the others
+		c.kick() // the reconnector sends it with the others
 		return
 	}
 	c.send(o)
 }
 
+// broken reports whether the upstream connection must be replaced; the
+// caller holds smu.
+func (c *conn) broken() bool {
+	return c.up == nil || c.up.Err() != nil || c.stale.Load()
+}
+
+// flushUp sends the queued requests; the caller holds smu.
 func (c *conn) flushUp() {
 	if c.up != nil && c.up.FlushRequests() != nil {
 		c.kick()
@@ -326,7 +316,7 @@ func upstreamRequest(r nbd.Request) nbd.Request {
 }
 
 // send queues o on the current upstream connection; its reply is answered
-// on the upstream reader goroutine.
+// on the upstream reader goroutine. The caller holds smu.
 func (c *conn) send(o *op) {
 	c.pmu.Lock()
 	if o.done.Load() {
@@ -375,46 +365,73 @@ func (c *conn) kick() {
 	}
 }
 
-// reconnect replaces a failed upstream connection and sends every
-// unanswered request again, oldest first. With MaxOutage, requests still
-// unanswered when it passes fail with EIO, and so does every request
-// while the upstream stays unreachable.
-func (c *conn) reconnect() {
-	if c.up != nil {
-		c.log.Warn().Err(c.up.Err()).Msg("upstream connection lost; reconnecting")
-		c.up.Abort()
-		c.up = nil
+// reconnector replaces failed upstream connections until the client is
+// gone: it connects again (each round trying every upstream) and sends
+// every unanswered request again, oldest first, before the reader may
+// send anything newer. With MaxOutage, once the upstream has been
+// unreachable that long, what waits fails with EIO, and so does every new
+// request until an upstream answers.
+func (c *conn) reconnector() {
+	for {
+		select {
+		case <-c.ctx.Done():
+			return
+		case <-c.wake:
+		}
+		c.smu.Lock()
+		if !c.broken() {
+			c.smu.Unlock()
+			continue
+		}
+		if c.up != nil {
+			c.log.Warn().Err(c.up.Err()).Msg("upstream connection lost; reconnecting")
+			c.up.Abort()
+			c.up = nil
+			c.upShared.Store(nil)
+		}
+		c.smu.Unlock()
+		c.connected.Store(false)
+		c.p.stats.reconnects.Add(1)
+		if !c.reconnect() {
+			return
+		}
 	}
-	c.connected.Store(false)
-	c.p.stats.reconnects.Add(1)
+}
+
+// reconnect connects again and replays; false when the client is gone.
+func (c *conn) reconnect() bool {
 	start := time.Now()
 	var giveUp time.Time
 	if c.p.cfg.MaxOutage > 0 {
 		giveUp = start.Add(c.p.cfg.MaxOutage)
 	}
+	var up *nbd.Client
 	for {
-		up, err := c.p.connect(c.ctx, c.size, giveUp, &c.fence, c.flushOut)
+		var err error
+		up, err = c.p.connect(c.ctx, c.size, giveUp, &c.fence, c.flushOut)
 		if err == nil {
-			c.up = up
-			c.upShared.Store(up)
-			c.gen.Add(1)
-			c.stale.Store(false)
 			break
 		}
 		if c.ctx.Err() != nil {
-			return
+			return false
 		}
-		// The outage outlasted MaxOutage: fail what waits, and keep
+		// The outage outlasted MaxOutage: fail what waits, and go on
 		// trying; requests arriving meanwhile fail at once.
+		c.smu.Lock()
+		c.failing = true
 		c.failPending()
-		giveUp = time.Now().Add(time.Second)
-		if c.drainFailing() {
-			return
-		}
+		c.smu.Unlock()
+		giveUp = time.Time{}
 	}
-	c.noteFence()
 	outage := time.Since(start)
 	c.p.noteOutage(outage)
+	c.smu.Lock()
+	defer c.smu.Unlock()
+	c.up, c.failing = up, false
+	c.upShared.Store(up)
+	c.gen.Add(1)
+	c.stale.Store(false)
+	c.noteFence()
 	c.connected.Store(true)
 	c.pmu.Lock()
 	ops := make([]*op, 0, len(c.pending))
@@ -428,6 +445,7 @@ func (c *conn) reconnect() {
 		c.send(o)
 	}
 	c.flushUp()
+	return true
 }
 
 // noteFence warns when the upstream cannot fence: a replay after a
@@ -452,27 +470,6 @@ func (c *conn) failPending() {
 	}
 }
 
-// drainFailing answers the requests that arrive within the next second
-// with EIO; it reports whether the client went away meanwhile.
-func (c *conn) drainFailing() bool {
-	t := time.NewTimer(time.Second)
-	defer t.Stop()
-	for {
-		select {
-		case o, ok := <-c.ops:
-			if !ok {
-				return true
-			}
-			c.p.stats.failed.Add(1)
-			c.answer(o, nil, nbd.EIO, true)
-		case <-t.C:
-			return false
-		case <-c.ctx.Done():
-			return true
-		}
-	}
-}
-
 // answer sends o's reply to the client, once. Replies are gathered and
 // written together when the upstream reader has nothing more to hand
 // over (flushOut), or at once with flush.
@@ -486,7 +483,10 @@ func (c *conn) answer(o *op, ext []nbd.Extent, err error, flush bool) {
 	// again may still be in a connection's hands.
 	recycle := o.sends <= 1
 	c.pmu.Unlock()
-	defer c.unanswered.Done()
+	defer func() {
+		<-c.slots
+		c.unanswered.Done()
+	}()
 	var errno nbd.Errno
 	var msg string
 	if err != nil {

@@ -26,8 +26,9 @@ LABELS = {
     "sr1m_qd8": "1M seq read QD8",
     "sw1m_qd8": "1M seq write QD8",
 }
-REFERENCE = "nbdkit"
-SUBJECT = "flexnbd"
+# The pair whose per-round ratio the tables give (bench.sh exports them).
+REFERENCE = os.environ.get("REFERENCE", "nbdkit")
+SUBJECT = os.environ.get("SUBJECT", "flexnbd")
 
 
 def stat_fields(pid):

@@ -12,6 +12,11 @@
 #   RUNTIME=10            seconds measured per fio run (after RAMP)
 #   RAMP=1                fio ramp_time in seconds, not counted
 #   SERVERS="flexnbd nbdkit qemu-nbd nbd-server"
+#                         also flexnbd-proxy and nbdkit-proxy: flexnbd proxy,
+#                         or nbdkit's nbd plugin, in front of a flexnbd serve
+#                         of the same file (`make bench-proxy`)
+#   SUBJECT=flexnbd REFERENCE=nbdkit
+#                         the pair whose per-round ratio the report gives
 #   WORKLOADS="rr4k_qd1 rr4k_qd32 rw4k_qd32 sr1m_qd8 sw1m_qd8"
 #                         or RW_BS_QD, e.g. randrw_64k_16
 #   FLEXNBD_BENCH_DIR     data and results (default ${TMPDIR:-/tmp}/flexnbd-bench)
@@ -32,6 +37,7 @@ ROUNDS=${ROUNDS:-3}
 RUNTIME=${RUNTIME:-10}
 RAMP=${RAMP:-1}
 SERVERS=${SERVERS:-"flexnbd nbdkit qemu-nbd nbd-server"}
+export SUBJECT=${SUBJECT:-flexnbd} REFERENCE=${REFERENCE:-nbdkit}
 WORKLOADS=${WORKLOADS:-"rr4k_qd1 rr4k_qd32 rw4k_qd32 sr1m_qd8 sw1m_qd8"}
 BENCH_DIR=${FLEXNBD_BENCH_DIR:-${TMPDIR:-/tmp}/flexnbd-bench}
 SIZE=${FLEXNBD_BENCH_SIZE:-2G}
@@ -42,7 +48,7 @@ HOST=127.0.0.1
 START_TIMEOUT=20
 STOP_TIMEOUT=10
 
-INVOCATION="ROUNDS=$ROUNDS RUNTIME=$RUNTIME RAMP=$RAMP QUIET_LIMIT=$QUIET_LIMIT SERVERS=\"$SERVERS\" WORKLOADS=\"$WORKLOADS\" make bench"
+INVOCATION="ROUNDS=$ROUNDS RUNTIME=$RUNTIME RAMP=$RAMP QUIET_LIMIT=$QUIET_LIMIT SERVERS=\"$SERVERS\" WORKLOADS=\"$WORKLOADS\" SUBJECT=$SUBJECT REFERENCE=$REFERENCE make bench"
 
 say() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 fail() { say "error: $*"; exit 1; }
@@ -51,8 +57,9 @@ fail() { say "error: $*"; exit 1; }
 
 server_binary() {
     case $1 in
-    flexnbd) echo "$FLEXNBD" ;;
+    flexnbd | flexnbd-proxy) echo "$FLEXNBD" ;;
     nbdkit | qemu-nbd | nbd-server) echo "$1" ;;
+    nbdkit-proxy) echo nbdkit ;;
     *) return 1 ;;
     esac
 }
@@ -60,12 +67,12 @@ server_binary() {
 ACTIVE=()
 SKIPPED=()
 for s in $SERVERS; do
-    bin=$(server_binary "$s") || fail "unknown server '$s' (known: flexnbd nbdkit qemu-nbd nbd-server)"
+    bin=$(server_binary "$s") || fail "unknown server '$s' (known: flexnbd nbdkit qemu-nbd nbd-server flexnbd-proxy nbdkit-proxy)"
     if command -v "$bin" >/dev/null 2>&1; then
         ACTIVE+=("$s")
     else
         case $s in
-        flexnbd) fail "$FLEXNBD not found; run 'make build' or use 'make bench'" ;;
+        flexnbd | flexnbd-proxy) fail "$FLEXNBD not found; run 'make build' or use 'make bench'" ;;
         nbdkit) fail "nbdkit is required for the comparison; install nbdkit" ;;
         esac
         say "skipping $s: '$bin' is not installed"
@@ -133,8 +140,22 @@ children_of() { # every descendant of $1
     done
 }
 
-# Per server, indexed by name.
-declare -A PORT PID LAUNCHER EXPORT TMPCONF
+# Per server, indexed by name. BACKEND is the flexnbd serve behind a proxy.
+declare -A PORT PID LAUNCHER EXPORT TMPCONF BACKEND
+
+# start_backend NAME: the flexnbd serve a proxy forwards to; sets BPORT.
+BPORT=
+start_backend() {
+    local t=0
+    BPORT=$(free_port)
+    setsid "$FLEXNBD" serve --addr "$HOST" --port "$BPORT" --file "$IMG" -q >>"$OUT/$1.backend.log" 2>&1 </dev/null &
+    BACKEND[$1]=$!
+    until listening "$BPORT"; do
+        sleep 0.1
+        t=$((t + 1))
+        [ $t -lt $((START_TIMEOUT * 10)) ] || return 1
+    done
+}
 
 # start NAME: launch the server on a fresh port and wait until it listens.
 start() {
@@ -145,6 +166,12 @@ start() {
     case $s in
     flexnbd)
         cmd=("$FLEXNBD" serve --addr "$HOST" --port "$port" --file "$IMG" -q) ;;
+    flexnbd-proxy)
+        start_backend "$s" || return 1
+        cmd=("$FLEXNBD" proxy --addr "$HOST" --port "$port" --conn-addr "$HOST" --conn-port "$BPORT" -q) ;;
+    nbdkit-proxy)
+        start_backend "$s" || return 1
+        cmd=(nbdkit -f -i "$HOST" -p "$port" nbd "hostname=$HOST" "port=$BPORT") ;;
     nbdkit)
         cmd=(nbdkit -f -i "$HOST" -p "$port" file "file=$IMG") ;;
     qemu-nbd)
@@ -219,6 +246,11 @@ stop() {
     done
     [ -n "${LAUNCHER[$s]:-}" ] && wait "${LAUNCHER[$s]}" 2>/dev/null
     [ -n "${TMPCONF[$s]:-}" ] && rm -rf "${TMPCONF[$s]}"
+    if [ -n "${BACKEND[$s]:-}" ]; then
+        kill -TERM "${BACKEND[$s]}" 2>/dev/null
+        wait "${BACKEND[$s]}" 2>/dev/null
+        BACKEND[$s]=
+    fi
     PID[$s]=
     LAUNCHER[$s]=
     TMPCONF[$s]=
