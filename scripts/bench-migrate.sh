@@ -19,6 +19,9 @@
 #              source while it migrates to a listen --then-serve; the
 #              longest write any of them sees, reconnection and replay
 #              included, and the freeze the source reports
+#   stall-proxy  the same clients writing through a flexnbd proxy pointed
+#              at the destination, then the source (`upstream DEST
+#              SOURCE`): the clients never reconnect, the proxy does
 #
 # Every round measures each workload's subjects one after the other (the
 # order rotates from one round to the next), so slow drift of a shared
@@ -60,7 +63,7 @@ REPORT="/usr/bin/python3 $ROOT/scripts/bench-migrate-report.py"
 export PATH=$PATH:/usr/sbin:/sbin:/usr/local/go/bin
 
 ROUNDS=${ROUNDS:-5}
-WORKLOADS=${WORKLOADS:-"random1g random1g-mem sparse16g stall"}
+WORKLOADS=${WORKLOADS:-"random1g random1g-mem sparse16g stall stall-proxy"}
 MEM_DIR=${MEM_DIR:-/dev/shm}
 NBDCOPY_FLUSH=${NBDCOPY_FLUSH:-1}
 VERIFY=${VERIFY:-1}
@@ -87,8 +90,8 @@ fail() {
 
 for wl in $WORKLOADS; do
     case $wl in
-    random1g | random1g-mem | sparse16g | stall) ;;
-    *) fail "unknown workload '$wl' (known: random1g random1g-mem sparse16g stall)" ;;
+    random1g | random1g-mem | sparse16g | stall | stall-proxy) ;;
+    *) fail "unknown workload '$wl' (known: random1g random1g-mem sparse16g stall stall-proxy)" ;;
     esac
 done
 [ -x "$FLEXNBD" ] || fail "$FLEXNBD not found; run 'make build' or use 'make bench-migrate'"
@@ -359,10 +362,16 @@ nbdcopy_run() {
     rm -f "$dst"
 }
 
-# stall_run ROUND: one migration under client load.
+# stall_run ROUND [proxy]: one migration under client load; with proxy the
+# clients write through a flexnbd proxy that moves them.
 stall_run() {
-    local r=$1 src=$TMP/stall.img dst=$TMP/stall-dst.img log=$OUT/stall.r$1 sport dport serve listen load
-    local err= rc_mirror rc_serve rc_listen rc_load freeze_log= freeze_reply= mirror_ms=
+    local r=$1 via=${2:-} src=$TMP/stall.img dst=$TMP/stall-dst.img log=$OUT/stall.r$1 sport dport serve listen load
+    local err= rc_mirror rc_serve rc_listen rc_load freeze_log= freeze_reply= mirror_ms= csv=$STALL_CSV
+    local pport proxy rc_proxy=0 addrs
+    if [ -n "$via" ]; then
+        log=$OUT/stall-proxy.r$1
+        csv=$PSTALL_CSV
+    fi
     fresh "$dst" "$(stat -c %s "$src")"
     sync
     quiet
@@ -377,20 +386,39 @@ stall_run() {
     if ! wait_for listening "$dport" || ! wait_for is_socket "$TMP/ctl.sock"; then
         stop "$serve"
         stop "$listen"
-        $REPORT stall-row "$r" /dev/null "" "" "" "did not start" >>"$STALL_CSV"
+        $REPORT stall-row "$r" /dev/null "" "" "" "did not start" >>"$csv"
         say "round $r stall: serve or listen did not start; see $log.*.log"
         return
     fi
+    addrs="$HOST:$sport,$HOST:$dport"
+    if [ -n "$via" ]; then
+        pport=$(free_port)
+        rm -f "$TMP/proxy.sock"
+        spawn "$log.proxy.log" "$FLEXNBD" proxy --addr "$HOST" --port "$pport" --conn-addr "$HOST" \
+            --conn-port "$sport" --sock "$TMP/proxy.sock" -v
+        proxy=$SPAWNED
+        if ! wait_for listening "$pport" || ! wait_for is_socket "$TMP/proxy.sock" ||
+            ! "$FLEXNBD" upstream --sock "$TMP/proxy.sock" "$HOST:$dport" "$HOST:$sport" >/dev/null; then
+            stop "$proxy"
+            stop "$serve"
+            stop "$listen"
+            $REPORT stall-row "$r" /dev/null "" "" "" "proxy did not start" >>"$csv"
+            say "round $r stall-proxy: the proxy did not start; see $log.proxy.log"
+            return
+        fi
+        addrs="$HOST:$pport"
+    fi
     # Not through spawn's log: the report is its standard output.
-    setsid "$TMP/migload" -addrs "$HOST:$sport,$HOST:$dport" -conns "$STALL_CONNS" -ready "$TMP/ready" \
+    setsid "$TMP/migload" -addrs "$addrs" -conns "$STALL_CONNS" -ready "$TMP/ready" \
         >"$log.migload.json" 2>"$log.migload.err" </dev/null &
     load=$!
     CHILDREN+=("$load")
     if ! wait_for exists "$TMP/ready"; then
         stop "$load"
+        [ -z "$via" ] || stop "$proxy"
         stop "$serve"
         stop "$listen"
-        $REPORT stall-row "$r" /dev/null "" "" "" "clients did not start" >>"$STALL_CSV"
+        $REPORT stall-row "$r" /dev/null "" "" "" "clients did not start" >>"$csv"
         say "round $r stall: the clients did not start; see $log.migload.err"
         return
     fi
@@ -410,17 +438,22 @@ stall_run() {
     kill -TERM "$load" 2>/dev/null || true
     reap "$load" 60 # it reads back what it wrote before it reports
     rc_load=$RC
+    if [ -n "$via" ]; then
+        stop "$proxy"
+        rc_proxy=$RC
+    fi
     stop "$listen"
     rc_listen=$RC
     [ $rc_mirror = 0 ] || err="mirror exit $rc_mirror"
+    [ $rc_proxy = 0 ] || err="${err:+$err; }proxy exit $rc_proxy"
     [ $rc_serve = 0 ] || err="${err:+$err; }serve exit $rc_serve"
     [ $rc_listen = 0 ] || err="${err:+$err; }listen exit $rc_listen"
     [ $rc_load = 0 ] || err="${err:+$err; }migload exit $rc_load"
     mirror_ms=$(grep -o 'duration_ms=[0-9]*' "$log.mirror.out" | cut -d= -f2 || true)
     freeze_reply=$(grep -o 'freeze_ms=[0-9]*' "$log.mirror.out" | cut -d= -f2 || true)
     freeze_log=$(grep 'hand-off complete' "$log.serve.log" | grep -o 'freeze=[0-9.]*' | cut -d= -f2 || true)
-    $REPORT stall-row "$r" "$log.migload.json" "$freeze_log" "$freeze_reply" "$mirror_ms" "$err" >>"$STALL_CSV"
-    say "round $r stall: $(tail -n1 "$STALL_CSV" | $REPORT stall-say)"
+    $REPORT stall-row "$r" "$log.migload.json" "$freeze_log" "$freeze_reply" "$mirror_ms" "$err" "${via:-direct}" >>"$csv"
+    say "round $r stall${via:+-proxy}: $(tail -n1 "$csv" | $REPORT stall-say)"
 }
 
 # --- the run ---------------------------------------------------------------
@@ -430,14 +463,16 @@ OUT=$BENCH_DIR/results/migrate-$STAMP
 mkdir -p "$OUT" || fail "cannot create $OUT"
 CSV=$OUT/raw.csv
 STALL_CSV=$OUT/stall.csv
+PSTALL_CSV=$OUT/stall-proxy.csv
 echo "round,workload,subject,seconds,mirror_ms,freeze_ms,copy_ms,tail_ms,cpu_pct,others_pct,error" >"$CSV"
 $REPORT stall-header >"$STALL_CSV"
+$REPORT stall-header >"$PSTALL_CSV"
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/flexnbd-bench-migrate.XXXXXX")
 say "results go to $OUT; data in $TMP (removed at exit)"
 
 has() { [[ " $WORKLOADS " == *" $1 "* ]]; }
 
-if has stall; then
+if has stall || has stall-proxy; then
     say "building the load generator"
     (cd "$ROOT" && "$GO" build -o "$TMP/migload" ./internal/benchtools/migload) || fail "cannot build migload"
 fi
@@ -446,10 +481,10 @@ say "creating the data"
 if has random1g-mem; then
     MEMTMP=$(mktemp -d "$MEM_DIR/flexnbd-bench-migrate.XXXXXX") || fail "cannot make a directory in MEM_DIR=$MEM_DIR"
 fi
-if has random1g || has random1g-mem || has stall; then
+if has random1g || has random1g-mem || has stall || has stall-proxy; then
     head -c 1G /dev/urandom >"$TMP/random1g.img"
 fi
-if has stall; then
+if has stall || has stall-proxy; then
     head -c 256M "$TMP/random1g.img" >"$TMP/stall.img"
 fi
 if has sparse16g; then
@@ -496,6 +531,9 @@ for r in $(seq 1 "$ROUNDS"); do
     if has stall; then
         stall_run "$r"
     fi
+    if has stall-proxy; then
+        stall_run "$r" proxy
+    fi
 done
 LOAD1=$(cut -d' ' -f1-3 /proc/loadavg)
 
@@ -509,7 +547,7 @@ LOAD1=$(cut -d' ' -f1-3 /proc/loadavg)
     echo "- flexnbd $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?'); $(nbdkit --version | head -n1); $(nbdcopy --version | head -n1)"
     echo "- load average before / after: $LOAD0 / $LOAD1"
     echo
-    $REPORT report "$CSV" "$STALL_CSV"
+    $REPORT report "$CSV" "$STALL_CSV" "$PSTALL_CSV"
     echo
     echo "Raw rows and logs: $OUT"
 } | tee "$OUT/summary.md"
