@@ -51,7 +51,9 @@ type ProxyStatus struct {
 	// Replayed counts requests sent again after a reconnection; Failed
 	// those answered EIO after --max-outage.
 	Replayed, Failed uint64
-	LongestOutage    time.Duration
+	// CacheHits counts READs answered from the read-ahead.
+	CacheHits     uint64
+	LongestOutage time.Duration
 }
 
 // MigrationStatus describes a running migration.
@@ -96,6 +98,7 @@ func (s StatusInfo) Fields() []Field {
 			{"reconnects", u(p.Reconnects)},
 			{"replayed", u(p.Replayed)},
 			{"failed_requests", u(p.Failed)},
+			{"cache_hits", u(p.CacheHits)},
 			{"longest_outage_ms", u(uint64(p.LongestOutage / time.Millisecond))},
 			{"uptime", u(uint64(s.Uptime / time.Second))},
 		}

@@ -146,10 +146,10 @@ func TestFieldsJSON(t *testing.T) {
 func TestProxyStatus(t *testing.T) {
 	st := control.StatusInfo{PID: 9, Uptime: 5 * time.Second, Proxy: &control.ProxyStatus{
 		InUse: "10.0.0.2:10809", Upstreams: []string{"10.0.0.2:10809", "10.0.0.1:10809"},
-		Clients: 3, Connected: 2, Reconnects: 4, Replayed: 17, Failed: 1, LongestOutage: 1500 * time.Millisecond,
+		Clients: 3, Connected: 2, Reconnects: 4, Replayed: 17, Failed: 1, CacheHits: 5, LongestOutage: 1500 * time.Millisecond,
 	}}
 	require.Equal(t, "pid=9 upstream=10.0.0.2:10809 upstreams=10.0.0.2:10809,10.0.0.1:10809 clients=3 connected=2 "+
-		"reconnects=4 replayed=17 failed_requests=1 longest_outage_ms=1500 uptime=5 ", control.FormatFields(st.Fields()))
+		"reconnects=4 replayed=17 failed_requests=1 cache_hits=5 longest_outage_ms=1500 uptime=5 ", control.FormatFields(st.Fields()))
 	st.Proxy = &control.ProxyStatus{Upstreams: []string{"/run/nbd.sock"}}
 	require.Contains(t, control.FormatFields(st.Fields()), "upstream=none upstreams=/run/nbd.sock ")
 }

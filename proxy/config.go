@@ -62,8 +62,16 @@ type Config struct {
 	// MaxInFlight bounds each connection's requests in flight upstream.
 	// Default 64.
 	MaxInFlight int
-	Logger      zerolog.Logger
+	// Cache is the read-ahead buffer of each client in bytes (0: none): a
+	// READ of at most half of it fetches twice its length and keeps the
+	// second half for the next READ (see prefetch).
+	Cache  int
+	Logger zerolog.Logger
 }
+
+// nbdMaxPayload is the largest READ a proxy sends upstream, so a
+// read-ahead buffer is at most that.
+const nbdMaxPayload = 32 << 20
 
 // TimeoutEnv overrides the default upstream timeout, in seconds, as in the
 // C flexnbd-proxy.
@@ -88,6 +96,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.MaxInFlight <= 0 {
 		c.MaxInFlight = 64
+	}
+	if c.Cache < 0 || c.Cache > nbdMaxPayload {
+		return errors.New("proxy: cache must be between 0 and 32 MiB")
 	}
 	return nil
 }

@@ -36,6 +36,13 @@ type op struct {
 	payload []byte      // WRITE data
 	buf     []byte      // READ destination
 	done    atomic.Bool // answered downstream
+	// fetch, when not 0, is the doubled length a read-ahead asks
+	// upstream (buf has room for it); pgen the prefetch generation.
+	fetch uint32
+	pgen  uint64
+	// change marks a WRITE, TRIM or WRITE_ZEROES, which the prefetch
+	// counts while in flight.
+	change bool
 	// under conn.pmu
 	sends  int       // times sent upstream
 	sentAt time.Time // latest send
@@ -75,6 +82,7 @@ type conn struct {
 	slots      chan struct{}              // bounds the requests read and not answered
 	pending    map[uint64]*op
 	pmu        sync.Mutex // guards pending and the ops' send fields
+	cache      prefetch
 	unanswered sync.WaitGroup
 	connected  atomic.Bool
 	draining   atomic.Bool
@@ -96,6 +104,7 @@ func newConn(p *Proxy, nc net.Conn) *conn {
 		slots:   make(chan struct{}, 2*p.cfg.MaxInFlight),
 		pending: map[uint64]*op{},
 		fence:   fence{key: newFenceKey()},
+		cache:   prefetch{size: p.cfg.Cache},
 	}
 }
 
@@ -144,7 +153,13 @@ func (c *conn) serve() {
 		}
 		c.smu.Unlock()
 	}()
-	info := nbd.ExportInfo{Size: c.size, Flags: up.Flags() & passFlags}
+	flags := up.Flags() & passFlags
+	if c.cache.size > 0 {
+		// A read-ahead kept on one connection would not see what a
+		// FLUSH on another made visible: no multi-conn promise.
+		flags &^= nbd.FlagCanMultiConn
+	}
+	info := nbd.ExportInfo{Size: c.size, Flags: flags}
 	_ = c.nc.SetDeadline(time.Now().Add(handshakeTimeout))
 	c.sess, err = nbd.ServerHandshake(c.br, c.nc, &nbd.ServerConfig{
 		Oldstyle: c.p.cfg.Oldstyle,
@@ -251,6 +266,22 @@ func (c *conn) submit(o *op) {
 		c.answer(o, nil, nbd.EIO, true)
 		return
 	}
+	switch o.req.Type {
+	case nbd.CmdRead:
+		if c.cache.hit(o.req.Offset, o.buf) {
+			c.p.stats.cacheHits.Add(1)
+			c.answer(o, nil, nil, true)
+			return
+		}
+		if ok, gen := c.cache.plan(o.req.Offset, o.req.Length, c.size); ok {
+			putBuf(o.buf)
+			o.buf = getBuf(2 * int(o.req.Length))
+			o.fetch, o.pgen = 2*o.req.Length, gen
+		}
+	case nbd.CmdWrite, nbd.CmdTrim, nbd.CmdWriteZeroes:
+		o.change = true
+		c.cache.change()
+	}
 	c.pmu.Lock()
 	c.pending[o.seq] = o
 	c.pmu.Unlock()
@@ -310,8 +341,12 @@ func (c *conn) watchdog() {
 // upstreamRequest is the request as sent upstream: the client's cookie is
 // replaced by the upstream client's, and DF dropped (the proxy answers a
 // READ in one piece whatever the upstream does).
-func upstreamRequest(r nbd.Request) nbd.Request {
+func upstreamRequest(o *op) nbd.Request {
+	r := o.req
 	r.Flags &^= nbd.CmdFlagDF
+	if o.fetch != 0 {
+		r.Length = o.fetch
+	}
 	return r
 }
 
@@ -338,7 +373,7 @@ func (c *conn) send(o *op) {
 		c.answer(o, []nbd.Extent{{Length: o.req.Length}}, nil, true)
 		return
 	}
-	err := up.StartAsync(upstreamRequest(o.req), o.payload, o.buf, func(ext []nbd.Extent, err error) {
+	err := up.StartAsync(upstreamRequest(o), o.payload, o.buf, func(ext []nbd.Extent, err error) {
 		if err != nil && !isReply(err) {
 			// The connection failed: o stays pending and is sent again.
 			c.kick()
@@ -427,6 +462,7 @@ func (c *conn) reconnect() bool {
 	c.p.noteOutage(outage)
 	c.smu.Lock()
 	defer c.smu.Unlock()
+	c.cache.forget()
 	c.up, c.failing = up, false
 	c.upShared.Store(up)
 	c.gen.Add(1)
@@ -483,6 +519,12 @@ func (c *conn) answer(o *op, ext []nbd.Extent, err error, flush bool) {
 	// again may still be in a connection's hands.
 	recycle := o.sends <= 1
 	c.pmu.Unlock()
+	if o.change {
+		c.cache.changed()
+	}
+	if o.fetch != 0 && err == nil {
+		c.cache.keep(o.pgen, o.req.Offset+uint64(o.req.Length), o.buf[o.req.Length:o.fetch])
+	}
 	defer func() {
 		<-c.slots
 		c.unanswered.Done()
@@ -508,10 +550,10 @@ func (c *conn) answer(o *op, ext []nbd.Extent, err error, flush bool) {
 		c.out = nbd.AppendSimpleReply(c.out, errno, cookie)
 	case o.req.Type == nbd.CmdRead && c.sess.Structured:
 		c.out = nbd.AppendOffsetDataHeader(c.out, nbd.ReplyFlagDone, cookie, o.req.Offset, o.req.Length)
-		data = o.buf
+		data = o.buf[:o.req.Length]
 	case o.req.Type == nbd.CmdRead:
 		c.out = nbd.AppendSimpleReply(c.out, 0, cookie)
-		data = o.buf
+		data = o.buf[:o.req.Length]
 	case o.req.Type == nbd.CmdBlockStatus:
 		c.out = nbd.AppendBlockStatus(c.out, nbd.ReplyFlagDone, cookie, c.sess.AllocationContext, ext)
 	default:

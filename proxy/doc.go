@@ -31,8 +31,7 @@
 // be fenced: after a timeout against such a server that is stopped rather
 // than dead, an original may still run after its replay.
 //
-// BUG(proxy): The prefetch cache of the C proxy (--cache) is not
-// implemented.
+// Config.Cache turns on the C proxy's read-ahead (prefetch): see there.
 //
 // BUG(proxy): READ replies are copied through the proxy's memory; 1 MiB
 // reads reach about a third of direct throughput on two cores.

@@ -40,6 +40,7 @@ type stats struct {
 	reconnects    atomic.Uint64
 	replayed      atomic.Uint64
 	failed        atomic.Uint64 // requests answered EIO after MaxOutage
+	cacheHits     atomic.Uint64 // READs answered from the prefetch
 	longestOutage atomic.Int64  // nanoseconds
 	inUse         atomic.Pointer[string]
 }
@@ -171,6 +172,7 @@ type Status struct {
 	Reconnects     uint64
 	Replayed       uint64
 	FailedRequests uint64
+	CacheHits      uint64
 	LongestOutage  time.Duration
 }
 
@@ -190,6 +192,7 @@ func (p *Proxy) Status() Status {
 	st.Reconnects = p.stats.reconnects.Load()
 	st.Replayed = p.stats.replayed.Load()
 	st.FailedRequests = p.stats.failed.Load()
+	st.CacheHits = p.stats.cacheHits.Load()
 	st.LongestOutage = time.Duration(p.stats.longestOutage.Load())
 	return st
 }

@@ -251,6 +251,8 @@ func TestUsageErrors(t *testing.T) {
 		{"proxy bad bind", []string{"proxy", "-l", "127.0.0.1", "-p", port, "-C", "127.0.0.1", "-P", "1", "-b", "nope"}, "--bind"},
 		{"proxy bad outage", []string{"proxy", "-l", "127.0.0.1", "-p", port, "-C", "127.0.0.1", "-P", "1", "--max-outage", "soon"}, "--max-outage"},
 		{"upstream without addresses", []string{"upstream", "-s", "/nonexistent.sock"}, "upstream"},
+		{"proxy bad cache", []string{"proxy", "-l", "127.0.0.1", "-p", port, "-C", "127.0.0.1", "-P", "1", "--cache=lots"}, "--cache"},
+		{"proxy cache too big", []string{"proxy", "-l", "127.0.0.1", "-p", port, "-C", "127.0.0.1", "-P", "1", "--cache=67108864"}, "32 MiB"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 
 	"github.com/alecthomas/kong"
 )
@@ -42,7 +43,22 @@ func main() {
 	if filepath.Base(os.Args[0]) == "flexnbd-proxy" {
 		args = append([]string{"proxy"}, args...)
 	}
-	os.Exit(run(args))
+	os.Exit(run(cacheDefault(args)))
+}
+
+// cacheDefault gives a bare --cache of the proxy its default size, as the
+// C flexnbd-proxy's --cache[=BYTES] does; kong has no optional values.
+func cacheDefault(args []string) []string {
+	if len(args) == 0 || args[0] != "proxy" {
+		return args
+	}
+	out := append([]string(nil), args...)
+	for i, a := range out {
+		if a == "--cache" {
+			out[i] = "--cache=" + strconv.Itoa(defaultProxyCache)
+		}
+	}
+	return out
 }
 
 func run(args []string) int {

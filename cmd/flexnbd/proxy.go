@@ -27,6 +27,7 @@ type ProxyCmd struct {
 	Oldstyle  bool          `help:"Greet clients with the oldstyle handshake (C flexnbd fleets)."`
 	MaxOutage time.Duration `name:"max-outage" help:"Fail requests with EIO once the upstream has been unreachable this long (default: never)."`
 	Sock      string        `short:"s" help:"Control socket path (status, upstream)."`
+	Cache     int           `placeholder:"BYTES" help:"Read-ahead per client: a read of at most half of BYTES fetches twice its length and keeps the rest for the next read (--cache alone: 64 KiB; default: off)."`
 	LogFlags
 }
 
@@ -49,6 +50,7 @@ func (c *ProxyCmd) Run() error {
 		Bind:      c.Bind,
 		Oldstyle:  c.Oldstyle,
 		MaxOutage: c.MaxOutage,
+		Cache:     c.Cache,
 		Logger:    log,
 	})
 	if err != nil {
@@ -120,6 +122,10 @@ func (c *ProxyCmd) listen() (net.Listener, error) {
 	return net.Listen("tcp", net.JoinHostPort(c.Addr, strconv.Itoa(int(c.Port))))
 }
 
+// defaultProxyCache is the read-ahead buffer of a bare --cache: it covers
+// reads up to 32 KiB.
+const defaultProxyCache = 64 << 10
+
 // proxyHandler answers the control socket for a proxy: status and
 // upstream; a server's commands are refused.
 type proxyHandler struct {
@@ -138,7 +144,7 @@ func (h *proxyHandler) Status() control.StatusInfo {
 		Uptime: time.Since(h.started),
 		Proxy: &control.ProxyStatus{
 			InUse: st.InUse, Upstreams: ups, Clients: st.Clients, Connected: st.Connected,
-			Reconnects: st.Reconnects, Replayed: st.Replayed, Failed: st.FailedRequests,
+			Reconnects: st.Reconnects, Replayed: st.Replayed, Failed: st.FailedRequests, CacheHits: st.CacheHits,
 			LongestOutage: st.LongestOutage,
 		},
 	}

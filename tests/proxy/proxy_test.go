@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -383,7 +384,7 @@ func TestProxyControlSocket(t *testing.T) {
 	out, errOut, code := testproc.Run(t, nil, bin, "status", "--sock", sock)
 	require.Zero(t, code, errOut)
 	assert.Regexp(t, `^pid=\d+ upstream=none upstreams=`+b.addr()+` clients=0 connected=0 reconnects=0 replayed=0 `+
-		`failed_requests=0 longest_outage_ms=0 uptime=\d+ \n$`, out)
+		`failed_requests=0 cache_hits=0 longest_outage_ms=0 uptime=\d+ \n$`, out)
 
 	_, errOut, code = testproc.Run(t, nil, bin, "upstream", "--sock", sock, "127.0.0.1:1", "bogus")
 	assert.Equal(t, 1, code)
@@ -400,4 +401,47 @@ func TestProxyControlSocket(t *testing.T) {
 	_, errOut, code = testproc.Run(t, nil, bin, "acl", "--sock", sock, "127.0.0.1")
 	assert.Equal(t, 1, code)
 	assert.Equal(t, "not supported by a proxy\n", errOut)
+}
+
+// With --cache a small read fetches twice its length and the next read of
+// what follows is answered from the proxy; any write throws the read-ahead
+// away, so no read is ever answered with data older than an acknowledged
+// write.
+func TestCacheReadAhead(t *testing.T) {
+	b := newBackend(t, 1<<20)
+	b.start(t)
+	sock := filepath.Join(t.TempDir(), "proxy.sock")
+	p, addr := startProxy(t, b.addr(), "--cache", "--sock", sock)
+	p.Stderr.WaitFor(t, "control socket ready")
+	hits := func() string {
+		out, errOut, code := testproc.Run(t, nil, bin, "status", "--sock", sock, "--json")
+		require.Zero(t, code, errOut)
+		var st map[string]any
+		require.NoError(t, json.Unmarshal([]byte(out), &st))
+		return fmt.Sprint(st["cache_hits"])
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), testproc.Timeout)
+	defer cancel()
+	c, err := nbd.Dial(ctx, "tcp", addr, nil)
+	require.NoError(t, err)
+	defer c.Close()
+	assert.Zero(t, c.Flags()&nbd.FlagCanMultiConn, "no multi-conn promise with a read-ahead")
+
+	a := bytes.Repeat([]byte{0xa1}, 8192)
+	require.NoError(t, c.Write(ctx, a, 0, nbd.CmdFlagFUA))
+	got := make([]byte, 4096)
+	require.NoError(t, c.Read(ctx, got, 0, 0))
+	assert.Equal(t, a[:4096], got)
+	assert.Equal(t, "0", hits())
+	require.NoError(t, c.Read(ctx, got, 4096, 0))
+	assert.Equal(t, a[4096:], got)
+	assert.Equal(t, "1", hits(), "the second read came from the read-ahead")
+
+	// A write to the kept range throws it away.
+	require.NoError(t, c.Read(ctx, got, 16384, 0)) // keeps [20 KiB, 24 KiB)
+	fresh := bytes.Repeat([]byte{0xb2}, 4096)
+	require.NoError(t, c.Write(ctx, fresh, 20480, 0))
+	require.NoError(t, c.Read(ctx, got, 20480, 0))
+	assert.Equal(t, fresh, got, "never older than an acknowledged write")
+	assert.Equal(t, "1", hits())
 }
