@@ -445,3 +445,27 @@ func TestCacheReadAhead(t *testing.T) {
 	assert.Equal(t, fresh, got, "never older than an acknowledged write")
 	assert.Equal(t, "1", hits())
 }
+
+// The C flexnbd's fleets speak oldstyle: the proxy takes an oldstyle
+// server upstream (it cannot be fenced, and says so) and greets clients
+// the oldstyle way with --oldstyle.
+func TestOldstyleBothSides(t *testing.T) {
+	b := newBackend(t, 1<<20)
+	b.proc = testproc.Start(t, "", bin, "serve", "--addr", "127.0.0.1", "--port", testproc.Itoa(b.port),
+		"--file", b.file, "--oldstyle", "-v")
+	b.proc.Stderr.WaitFor(t, "serving")
+	p, addr := startProxy(t, b.addr(), "--oldstyle")
+	ctx, cancel := context.WithTimeout(context.Background(), testproc.Timeout)
+	defer cancel()
+	c, err := nbd.Dial(ctx, "tcp", addr, nil)
+	require.NoError(t, err)
+	defer c.Close()
+	assert.True(t, c.Session().Oldstyle, "the proxy greets oldstyle")
+	data := bytes.Repeat([]byte("old"), 1000)
+	require.NoError(t, c.Write(ctx, data, 4096, 0))
+	got := make([]byte, len(data))
+	require.NoError(t, c.Read(ctx, got, 4096, 0))
+	assert.Equal(t, data, got)
+	require.NoError(t, c.Flush(ctx))
+	assert.Contains(t, p.Stderr.Text(), "does not take fences", "an oldstyle server cannot be fenced")
+}
