@@ -409,16 +409,17 @@ func (c *conn) admit(req nbd.Request) (*request, error) {
 	end := req.Offset + uint64(req.Length)
 	switch req.Type {
 	case nbd.CmdWrite:
+		// The payload is read before the write takes its place among
+		// overlapping requests: a client that stops sending it holds up
+		// nobody but itself.
 		r.reserve(int(req.Length))
-		r.span = c.srv.gate.register(req.Offset, end, true)
 		r.allocBuf(int(req.Length))
 		c.needFlush(len(r.buf))
 		if err := c.readPayload(r.buf); err != nil {
-			c.srv.gate.release(r.span)
-			r.span = nil
 			r.free()
 			return nil, fmt.Errorf("read write payload: %w", err)
 		}
+		r.span = c.srv.gate.register(req.Offset, end, true)
 	case nbd.CmdRead:
 		r.reserve(int(req.Length))
 		r.span = c.srv.gate.register(req.Offset, end, false)
@@ -438,14 +439,44 @@ func (c *conn) admit(req nbd.Request) (*request, error) {
 // readPayload fills p with the next bytes of the request stream: first
 // what the buffered reader holds, then straight from the socket into p, so
 // a large payload is not copied twice.
+//
+// A payload that stops arriving for PayloadTimeout fails the read, and so
+// drops the connection.
 func (c *conn) readPayload(p []byte) error {
-	if c.sock == nil || len(p) <= c.br.Buffered() {
+	if len(p) <= c.br.Buffered() {
 		_, err := io.ReadFull(c.br, p)
 		return err
 	}
 	n, _ := c.br.Read(p[:c.br.Buffered()])
-	return c.sock.readFull(p[n:])
+	p = p[n:]
+	defer c.clearReadDeadline()
+	for len(p) > 0 {
+		c.setReadDeadline(time.Now().Add(c.srv.cfg.PayloadTimeout))
+		var err error
+		if c.sock != nil {
+			n, err = c.sock.readSome(p)
+		} else {
+			n, err = c.br.Read(p)
+		}
+		p = p[n:]
+		if err != nil {
+			return err
+		}
+	}
+	return nil
 }
+
+// setReadDeadline sets the read deadline unless the connection drains,
+// whose deadline (now) must stay.
+func (c *conn) setReadDeadline(t time.Time) {
+	_ = c.nc.SetReadDeadline(t)
+	if c.draining.Load() {
+		// drain ran while the deadline above was being set.
+		_ = c.nc.SetReadDeadline(time.Now())
+	}
+}
+
+func (c *conn) clearReadDeadline() { c.setReadDeadline(time.Time{}) }
 
 // refuse answers a request that will not be executed.
 func (c *conn) refuse(req nbd.Request, errno nbd.Errno, msg string) {

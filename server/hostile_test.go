@@ -219,3 +219,55 @@ func TestUnfinishedWritesStayWithinBufferBudget(t *testing.T) {
 	require.NoError(t, inst.Dial(t, nil).Read(testCtx(t), got, at+(writes-1)*size, 0))
 	require.Equal(t, pattern(writes-1, size), got)
 }
+
+// A WRITE whose payload never comes holds up nobody else: overlapping
+// requests of other clients run at once (the write takes its place among
+// them only once its payload is in), and the stalled connection is
+// dropped after PayloadTimeout without progress.
+func TestStalledWritePayloadHoldsNobody(t *testing.T) {
+	inst := testserver.Start(t, testserver.Options{Config: server.Config{PayloadTimeout: 2 * time.Second}})
+	victim := inst.Dial(t, nil)
+	roundTrip(t, victim, 0, 1)
+	attacker := dialRaw(t, inst.Addr)
+	waitFor(t, "two clients", func() bool { return inst.Server.NumClients() == 2 })
+	// 32 MiB announced at offset 0, 4 KiB of it sent, then nothing.
+	req := nbd.Request{Type: nbd.CmdWrite, Cookie: 7, Offset: 0, Length: 32 << 20}
+	require.NoError(t, attacker.send(req, pattern(9, 4096)))
+	waitFor(t, "the stalled write to be received", func() bool { return inst.Server.BufferBytesInUse() >= 32<<20 })
+
+	// The victim reads and writes the very range the attacker announced.
+	ctx := testCtx(t)
+	buf := make([]byte, 4096)
+	require.NoError(t, victim.Read(ctx, buf, 0, 0), "an overlapping read is not held behind the stalled payload")
+	assert.Equal(t, pattern(1, 4096), buf[:4096])
+	roundTrip(t, victim, 4096, 2)
+	assert.Equal(t, 2, inst.Server.NumClients(), "served while the stalled writer was still connected")
+
+	waitFor(t, "the stalled writer to be dropped", func() bool { return inst.Server.NumClients() == 1 })
+	_, err := attacker.reply()
+	assert.Error(t, err, "the stalled writer's connection is closed, unanswered")
+	roundTrip(t, victim, 0, 3)
+	got := make([]byte, 4096)
+	require.NoError(t, victim.Read(ctx, got, 0, 0))
+	assert.Equal(t, pattern(3, 4096), got[:4096], "nothing of the unfinished write landed")
+}
+
+// A payload that keeps coming, however slowly, is not cut off: the timeout
+// counts time without progress.
+func TestSlowWritePayloadIsAccepted(t *testing.T) {
+	inst := testserver.Start(t, testserver.Options{Config: server.Config{PayloadTimeout: 300 * time.Millisecond}})
+	rc := dialRaw(t, inst.Addr)
+	const size = 64 << 10
+	p := pattern(4, size)
+	require.NoError(t, rc.send(nbd.Request{Type: nbd.CmdWrite, Cookie: 1, Offset: 8192, Length: size}, nil))
+	for off := 0; off < size; off += 16 << 10 {
+		time.Sleep(150 * time.Millisecond) // each pause within the timeout, the whole beyond it
+		_, err := rc.nc.Write(p[off : off+16<<10])
+		require.NoError(t, err)
+	}
+	require.NoError(t, rc.nc.SetReadDeadline(time.Now().Add(10*time.Second)))
+	h, err := rc.reply()
+	require.NoError(t, err)
+	assert.Equal(t, uint64(1), h.Cookie)
+	assert.Zero(t, h.Errno)
+}

@@ -124,6 +124,27 @@ func consume(bufs [][]byte, n int) [][]byte {
 	return bufs
 }
 
+// readSome reads what the socket has for p, at least one byte, waiting
+// for it until the connection's deadline.
+func (s *sockIO) readSome(p []byte) (int, error) {
+	defer func() { s.rbuf = nil }()
+	for {
+		s.rbuf = p
+		err := s.rc.Read(s.readFn)
+		switch {
+		case err != nil:
+			return 0, err
+		case s.rerrno == unix.EINTR:
+			continue
+		case s.rerrno != 0:
+			return 0, s.rerrno
+		case s.rn == 0:
+			return 0, io.ErrUnexpectedEOF
+		}
+		return int(s.rn), nil
+	}
+}
+
 // readFull fills p from the socket, honouring the connection's deadline.
 func (s *sockIO) readFull(p []byte) error {
 	defer func() { s.rbuf = nil }()

@@ -43,6 +43,9 @@ type Config struct {
 	// WriteTimeout drops a client that does not read its replies for this
 	// long. Default 2 minutes.
 	WriteTimeout time.Duration
+	// PayloadTimeout drops a client whose WRITE payload stops arriving for
+	// this long. Default 30 s.
+	PayloadTimeout time.Duration
 	// OnWrite, if set, is called after every attempt to change the export
 	// (WRITE, TRIM, WRITE_ZEROES), failed ones included since they may
 	// have changed part of their range, while the range is still held in
@@ -103,6 +106,9 @@ type StatsSnapshot struct {
 
 // New returns a server for cfg. It does not take ownership of the backend.
 func New(cfg Config) *Server {
+	if cfg.PayloadTimeout <= 0 {
+		cfg.PayloadTimeout = 30 * time.Second
+	}
 	if cfg.HandshakeTimeout <= 0 {
 		cfg.HandshakeTimeout = 10 * time.Second
 	}
