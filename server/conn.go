@@ -62,6 +62,9 @@ type conn struct {
 	slots    chan struct{}  // one per request executing
 	wg       sync.WaitGroup // request goroutines
 	draining atomic.Bool
+	// drainBy is when a draining connection's replies must have gone
+	// (Unix nanoseconds; 0 while not draining).
+	drainBy atomic.Int64
 
 	out replyWriter
 
@@ -95,10 +98,14 @@ func newConn(s *Server, nc net.Conn) *conn {
 }
 
 // drain asks the connection to finish what it has received and close:
-// the read in progress is interrupted and anything read later is refused.
+// the read in progress is interrupted and anything read later is refused,
+// and replies not taken within DrainTimeout drop the connection (a client
+// that does not read them must not hold up a shutdown or a revocation).
 func (c *conn) drain() {
+	c.drainBy.CompareAndSwap(0, time.Now().Add(c.srv.cfg.DrainTimeout).UnixNano())
 	c.draining.Store(true)
 	_ = c.nc.SetReadDeadline(time.Now())
+	_ = c.nc.SetWriteDeadline(time.Unix(0, c.drainBy.Load()))
 }
 
 func (c *conn) serve() {
@@ -165,6 +172,7 @@ func (c *conn) handshake() error {
 	if c.draining.Load() {
 		// drain ran while the deadline above was being cleared.
 		_ = c.nc.SetReadDeadline(time.Now())
+		_ = c.nc.SetWriteDeadline(time.Unix(0, c.drainBy.Load()))
 	}
 	c.sess = sess
 	c.size = sess.Export.Size

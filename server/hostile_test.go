@@ -1,6 +1,7 @@
 package server_test
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"io"
@@ -12,6 +13,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/flexnbd/flexnbd/acl"
 	"github.com/flexnbd/flexnbd/internal/testserver"
 	"github.com/flexnbd/flexnbd/nbd"
 	"github.com/flexnbd/flexnbd/server"
@@ -270,4 +272,43 @@ func TestSlowWritePayloadIsAccepted(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, uint64(1), h.Cookie)
 	assert.Zero(t, h.Errno)
+}
+
+// floodWithoutReading sends far more READs than the socket buffers can
+// answer and never reads a reply: the connection's writer blocks.
+func floodWithoutReading(t *testing.T, inst *testserver.Instance) {
+	t.Helper()
+	rc := dialRaw(t, inst.Addr)
+	go func() {
+		for i := range 64 {
+			if rc.send(nbd.Request{Type: nbd.CmdRead, Cookie: uint64(i), Length: 1 << 20}, nil) != nil {
+				return
+			}
+		}
+	}()
+	waitFor(t, "replies to pile up", func() bool { return inst.Server.BufferBytesInUse() >= 8<<20 })
+}
+
+// Stopping the server with a client that never reads its replies drops it
+// after DrainTimeout and succeeds, well before the write timeout and the
+// caller's deadline.
+func TestShutdownDropsClientsThatDoNotRead(t *testing.T) {
+	inst := testserver.Start(t, testserver.Options{Config: server.Config{DrainTimeout: 300 * time.Millisecond}})
+	floodWithoutReading(t, inst)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	require.NoError(t, inst.Server.Shutdown(ctx), "a clean stop, not the caller's deadline")
+}
+
+// An access list that no longer admits a client that never reads its
+// replies drops it after DrainTimeout, not after the write timeout.
+func TestACLRevocationDropsClientsThatDoNotRead(t *testing.T) {
+	inst := testserver.Start(t, testserver.Options{Config: server.Config{DrainTimeout: 300 * time.Millisecond}})
+	good := inst.Dial(t, nil)
+	floodWithoutReading(t, inst)
+	others, err := acl.New([]string{"10.0.0.0/8"}, false)
+	require.NoError(t, err)
+	inst.Server.SetACL(others)
+	waitFor(t, "the revoked clients to be dropped", func() bool { return inst.Server.NumClients() == 0 })
+	assert.Error(t, good.Read(testCtx(t), make([]byte, 512), 0, 0), "the revoked reading client is gone too")
 }

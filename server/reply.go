@@ -234,10 +234,14 @@ func (w *replyWriter) write(batch []*request) {
 	// Pushing the deadline forward costs a timer update, so do it only
 	// when half of it has passed.
 	now := time.Now()
-	if now.After(w.renewAt) {
+	if now.After(w.renewAt) && w.c.drainBy.Load() == 0 {
 		timeout := w.c.srv.cfg.WriteTimeout
 		_ = w.c.nc.SetWriteDeadline(now.Add(timeout))
 		w.renewAt = now.Add(timeout / 2)
+		if by := w.c.drainBy.Load(); by != 0 {
+			// drain ran meanwhile: its shorter deadline stands.
+			_ = w.c.nc.SetWriteDeadline(time.Unix(0, by))
+		}
 	}
 	var err error
 	if w.c.sock != nil {

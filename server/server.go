@@ -46,6 +46,11 @@ type Config struct {
 	// PayloadTimeout drops a client whose WRITE payload stops arriving for
 	// this long. Default 30 s.
 	PayloadTimeout time.Duration
+	// DrainTimeout is how long a connection told to finish (Shutdown, an
+	// access list that no longer admits it, a newer connection of its
+	// fence key) may take to deliver its last replies before it is
+	// dropped. Default 5 s.
+	DrainTimeout time.Duration
 	// OnWrite, if set, is called after every attempt to change the export
 	// (WRITE, TRIM, WRITE_ZEROES), failed ones included since they may
 	// have changed part of their range, while the range is still held in
@@ -106,6 +111,9 @@ type StatsSnapshot struct {
 
 // New returns a server for cfg. It does not take ownership of the backend.
 func New(cfg Config) *Server {
+	if cfg.DrainTimeout <= 0 {
+		cfg.DrainTimeout = 5 * time.Second
+	}
 	if cfg.PayloadTimeout <= 0 {
 		cfg.PayloadTimeout = 30 * time.Second
 	}
