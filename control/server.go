@@ -34,8 +34,12 @@ type Server struct {
 	ReadTimeout time.Duration
 	// WriteTimeout bounds how long a peer may take to take the reply.
 	WriteTimeout time.Duration
-	// MaxConns bounds the conversations in progress; a peer beyond it is
-	// told so and dropped.
+	// MaxConns bounds the conversations in progress. A peer beyond it
+	// takes the place of the conversation that has waited longest for its
+	// request, if that one has been silent for a moment (idle peers must
+	// not lock orchestrators out; up to twice MaxConns peers are let in
+	// while the silent ones are all new); when every conversation is
+	// running a command, the newcomer is told so and dropped.
 	MaxConns int
 
 	initOnce sync.Once
@@ -44,7 +48,7 @@ type Server struct {
 
 	mu        sync.Mutex // guards the fields below
 	listeners map[net.Listener]struct{}
-	conns     map[net.Conn]struct{}
+	conns     map[net.Conn]*conversation
 	closing   bool
 	idle      *sync.Cond // signalled when conns shrinks
 }
@@ -53,7 +57,7 @@ func (s *Server) init() {
 	s.initOnce.Do(func() {
 		s.ctx, s.cancel = context.WithCancel(context.Background())
 		s.listeners = make(map[net.Listener]struct{})
-		s.conns = make(map[net.Conn]struct{})
+		s.conns = make(map[net.Conn]*conversation)
 		s.idle = sync.NewCond(&s.mu)
 	})
 }
@@ -104,7 +108,21 @@ func (s *Server) Serve(l net.Listener) error {
 	return ErrServerClosed
 }
 
-// admit starts a conversation, or refuses it when too many are running.
+// minIdle is how long a peer may stay silent before a newcomer may take
+// its place: long enough to send a request, short enough that idle peers
+// cannot keep others out.
+const minIdle = 50 * time.Millisecond
+
+// conversation is one peer's state, under Server.mu.
+type conversation struct {
+	since     time.Time
+	waiting   bool // for its request: it may be displaced
+	displaced bool // its read was cut short to make room
+}
+
+// admit starts a conversation. At MaxConns it displaces the one that has
+// waited longest for its request, or, when all are running commands,
+// refuses the newcomer.
 func (s *Server) admit(nc net.Conn) {
 	s.mu.Lock()
 	if s.closing {
@@ -112,8 +130,39 @@ func (s *Server) admit(nc net.Conn) {
 		nc.Close()
 		return
 	}
-	busy := len(s.conns) >= s.maxConns()
-	s.conns[nc] = struct{}{}
+	busy := false
+	if len(s.conns) >= s.maxConns() {
+		// The peer that has waited longest for its request, and at least
+		// a moment (a peer that just connected has not had the time to
+		// speak), makes room.
+		now := time.Now()
+		var oldest net.Conn
+		var at time.Time
+		young := false
+		for c, cv := range s.conns {
+			switch {
+			case !cv.waiting:
+			case now.Sub(cv.since) < minIdle:
+				young = true
+			case oldest == nil || cv.since.Before(at):
+				oldest, at = c, cv.since
+			}
+		}
+		switch {
+		case oldest != nil:
+			// Its read ends now; it hears why and leaves.
+			s.conns[oldest].waiting = false
+			s.conns[oldest].displaced = true
+			_ = oldest.SetReadDeadline(now)
+			s.Logger.Info().Dur("waited", now.Sub(at)).Msg("control peer idle while others wait; displaced")
+		case young && len(s.conns) < 2*s.maxConns():
+			// Only peers that just arrived are silent: take this one
+			// too, beyond the bound; they are displaced once idle.
+		default:
+			busy = true
+		}
+	}
+	s.conns[nc] = &conversation{since: time.Now(), waiting: !busy}
 	s.mu.Unlock()
 	if busy {
 		go s.refuse(nc)
@@ -159,7 +208,18 @@ func (s *Server) serveConn(nc net.Conn) {
 		}
 	}()
 	_ = nc.SetReadDeadline(time.Now().Add(s.readTimeout()))
+	s.mu.Lock()
+	if cv := s.conns[nc]; cv != nil && cv.displaced {
+		// Displaced before its deadline was set: keep the cut.
+		_ = nc.SetReadDeadline(time.Now())
+	}
+	s.mu.Unlock()
 	lines, err := readRequest(bufio.NewReaderSize(nc, MaxLineBytes))
+	s.mu.Lock()
+	if cv := s.conns[nc]; cv != nil {
+		cv.waiting = false
+	}
+	s.mu.Unlock()
 	if err != nil {
 		var reply Reply
 		switch {

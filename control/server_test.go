@@ -267,6 +267,10 @@ func TestSlowPeerDoesNotBlockOthers(t *testing.T) {
 func TestTooManyConversations(t *testing.T) {
 	h := &fakeHandler{status: baseStatus}
 	path := startServer(t, &control.Server{Handler: h, MaxConns: 2, ReadTimeout: ioTimeout})
+	client := &control.Client{Path: path, Timeout: ioTimeout}
+
+	// Silent peers are displaced, oldest first, by peers with something
+	// to say: status stays answerable however many idle peers there are.
 	var silent []net.Conn
 	for i := 0; i < 2; i++ {
 		c, err := net.Dial("unix", path)
@@ -274,17 +278,58 @@ func TestTooManyConversations(t *testing.T) {
 		defer c.Close()
 		silent = append(silent, c)
 	}
-	extra, err := net.Dial("unix", path)
+	time.Sleep(100 * time.Millisecond) // silent for longer than a newcomer's moment
+	r, err := client.Do(context.Background(), control.CmdStatus)
+	require.NoError(t, err)
+	require.True(t, r.OK(), r.Message)
+	require.Equal(t, "1: timed out waiting for the request\n", readAll(t, silent[0]), "the oldest silent peer made room")
+
+	// A conversation running a command is never displaced: with every
+	// slot busy, a newcomer is refused.
+	busy := &fakeHandler{status: baseStatus, mirrorEntered: make(chan struct{}), mirrorRelease: make(chan struct{})}
+	busyPath := startServer(t, &control.Server{Handler: busy, MaxConns: 1, ReadTimeout: ioTimeout})
+	busyClient := &control.Client{Path: busyPath, Timeout: ioTimeout}
+	go func() { _, _ = busyClient.Do(context.Background(), control.CmdMirror, "127.0.0.1", "10809") }()
+	<-busy.mirrorEntered
+	extra, err := net.Dial("unix", busyPath)
 	require.NoError(t, err)
 	defer extra.Close()
 	require.Equal(t, "1: too many control connections\n", readAll(t, extra))
-
-	// Once a silent one leaves, there is room again.
-	silent[0].Close()
+	close(busy.mirrorRelease)
 	require.Eventually(t, func() bool {
-		r, err := (&control.Client{Path: path, Timeout: ioTimeout}).Do(context.Background(), control.CmdStatus)
+		r, err := busyClient.Do(context.Background(), control.CmdStatus)
 		return err == nil && r.OK()
 	}, ioTimeout, 10*time.Millisecond)
+}
+
+// Peers that connect, say nothing and reconnect as soon as they are
+// dropped cannot make status fail.
+func TestIdlePeersCannotLockOutStatus(t *testing.T) {
+	h := &fakeHandler{status: baseStatus}
+	path := startServer(t, &control.Server{Handler: h, ReadTimeout: ioTimeout})
+	ctx, stop := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	for range 40 {
+		wg.Go(func() {
+			for ctx.Err() == nil {
+				c, err := net.Dial("unix", path)
+				if err != nil {
+					continue
+				}
+				// Until dropped, or for a moment: then again.
+				_ = c.SetDeadline(time.Now().Add(200 * time.Millisecond))
+				_, _ = io.Copy(io.Discard, c)
+				c.Close()
+			}
+		})
+	}
+	defer func() { stop(); wg.Wait() }()
+	client := &control.Client{Path: path, Timeout: ioTimeout}
+	for i := range 50 {
+		r, err := client.Do(context.Background(), control.CmdStatus)
+		require.NoError(t, err, "status %d", i)
+		require.True(t, r.OK(), "status %d: %s", i, r.Message)
+	}
 }
 
 // TestShutdown: Shutdown removes the socket file at once, lets a
