@@ -177,7 +177,9 @@ func (s *Server) ACL() *acl.List { return s.acl.Load() }
 // SetACL replaces the access list and disconnects connected clients it no
 // longer admits. Their requests already received are finished and answered
 // first; a request whose payload was still arriving is dropped unexecuted,
-// so nothing is half-written.
+// so nothing is half-written; the exception is an oldstyle WRITE over 32
+// MiB, which is streamed to the file as it arrives and stays written as
+// far as it came.
 func (s *Server) SetACL(l *acl.List) {
 	s.acl.Store(l)
 	s.mu.Lock()
