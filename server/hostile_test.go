@@ -312,3 +312,24 @@ func TestACLRevocationDropsClientsThatDoNotRead(t *testing.T) {
 	waitFor(t, "the revoked clients to be dropped", func() bool { return inst.Server.NumClients() == 0 })
 	assert.Error(t, good.Read(testCtx(t), make([]byte, 512), 0, 0), "the revoked reading client is gone too")
 }
+
+// Beyond MaxClients a peer is closed before any greeting and counted as
+// rejected; those served are not disturbed, and a place that frees up is
+// taken again.
+func TestMaxClientsRefusesTheExcess(t *testing.T) {
+	inst := testserver.Start(t, testserver.Options{Config: server.Config{MaxClients: 2}})
+	a := inst.Dial(t, nil)
+	b, err := dialName(inst.Addr, "")
+	require.NoError(t, err)
+	waitFor(t, "two clients", func() bool { return inst.Server.NumClients() == 2 })
+	_, err = dialName(inst.Addr, "")
+	require.Error(t, err, "a third client is refused")
+	assert.Equal(t, 2, inst.Server.NumClients())
+	roundTrip(t, a, 0, 1)
+	require.NoError(t, b.Close())
+	waitFor(t, "a free place", func() bool { return inst.Server.NumClients() == 1 })
+	c, err := dialName(inst.Addr, "")
+	require.NoError(t, err, "the freed place is taken")
+	defer c.Close()
+	roundTrip(t, c, 4096, 2)
+}

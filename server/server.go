@@ -46,6 +46,10 @@ type Config struct {
 	// PayloadTimeout drops a client whose WRITE payload stops arriving for
 	// this long. Default 30 s.
 	PayloadTimeout time.Duration
+	// MaxClients bounds the connections served at once; a peer beyond it
+	// is closed before any greeting, as one the access list rejects.
+	// Default 4096.
+	MaxClients int
 	// DrainTimeout is how long a connection told to finish (Shutdown, an
 	// access list that no longer admits it, a newer connection of its
 	// fence key) may take to deliver its last replies before it is
@@ -83,6 +87,8 @@ type Server struct {
 	connsDone *sync.Cond // signalled when conns shrinks
 	exclusive *conn      // the session that has the export alone, if any
 	fences    map[string]fenceHolder
+	// fullLogged is when MaxClients last refused someone with a log line.
+	fullLogged atomic.Int64
 
 	stats Stats
 	start time.Time
@@ -111,6 +117,9 @@ type StatsSnapshot struct {
 
 // New returns a server for cfg. It does not take ownership of the backend.
 func New(cfg Config) *Server {
+	if cfg.MaxClients <= 0 {
+		cfg.MaxClients = 4096
+	}
 	if cfg.DrainTimeout <= 0 {
 		cfg.DrainTimeout = 5 * time.Second
 	}
@@ -252,6 +261,17 @@ func (s *Server) accept(nc net.Conn) {
 	s.mu.Lock()
 	if s.closing {
 		s.mu.Unlock()
+		nc.Close()
+		return
+	}
+	if len(s.conns) >= s.cfg.MaxClients {
+		s.mu.Unlock()
+		s.stats.Rejected.Add(1)
+		if now := time.Now().UnixNano(); now-s.fullLogged.Load() > int64(time.Second) {
+			s.fullLogged.Store(now) // one line a second under a flood
+			s.log.Warn().Int("max_clients", s.cfg.MaxClients).Str("peer", nc.RemoteAddr().String()).
+				Msg("too many clients; refusing")
+		}
 		nc.Close()
 		return
 	}

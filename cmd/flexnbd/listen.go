@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"net"
 	"strconv"
 
@@ -18,6 +19,7 @@ type ListenCmd struct {
 	DefaultDeny bool     `short:"d" name:"default-deny" help:"Refuse every client when the access list is empty."`
 	Oldstyle    bool     `help:"Greet with the oldstyle handshake: for a C flexnbd source; the first connection is taken for the source."`
 	ThenServe   bool     `name:"then-serve" help:"Once the migration completed, go on serving the file to every client instead of exiting."`
+	MaxClients  int      `name:"max-clients" default:"4096" help:"Clients served at once (with --then-serve); more are closed before any greeting."`
 	ACL         []string `arg:"" optional:"" name:"acl" help:"Addresses or prefixes allowed to connect (the source included)."`
 	LogFlags
 }
@@ -31,6 +33,9 @@ func (c *ListenCmd) Run() error {
 	if err != nil {
 		return err
 	}
+	if c.MaxClients < 1 {
+		return errors.New("--max-clients must be at least 1")
+	}
 	file, err := server.OpenFile(c.File, false)
 	if err != nil {
 		return err
@@ -42,11 +47,12 @@ func (c *ListenCmd) Run() error {
 	}
 	dest := &mirror.Destination{Oldstyle: c.Oldstyle, ThenServe: c.ThenServe, Logger: log}
 	srv := server.New(server.Config{
-		Backend:  file,
-		Oldstyle: c.Oldstyle,
-		ACL:      list,
-		Sessions: dest,
-		Logger:   log,
+		Backend:    file,
+		Oldstyle:   c.Oldstyle,
+		ACL:        list,
+		Sessions:   dest,
+		MaxClients: c.MaxClients,
+		Logger:     log,
 	})
 	log.Info().Str("listen", l.Addr().String()).Str("file", c.File).Uint64("size", srv.Size()).
 		Bool("oldstyle", c.Oldstyle).Bool("then_serve", c.ThenServe).Msg("waiting for a migration")

@@ -29,6 +29,7 @@ type ServeCmd struct {
 	KillSwitch  bool     `short:"k" name:"killswitch" help:"Disconnect a client whose request takes over 120 s."`
 	ReadOnly    bool     `name:"read-only" help:"Refuse writes."`
 	Oldstyle    bool     `help:"Greet clients with the oldstyle handshake (C flexnbd fleets)."`
+	MaxClients  int      `name:"max-clients" default:"4096" help:"Clients served at once; more are closed before any greeting."`
 	ACL         []string `arg:"" optional:"" name:"acl" help:"Addresses or prefixes allowed to connect."`
 	LogFlags
 }
@@ -50,6 +51,9 @@ func (c *ServeCmd) Run() error {
 	if err != nil {
 		return err
 	}
+	if c.MaxClients < 1 {
+		return errors.New("--max-clients must be at least 1")
+	}
 	file, err := server.OpenFile(c.File, c.ReadOnly)
 	if err != nil {
 		return err
@@ -70,8 +74,9 @@ func (c *ServeCmd) Run() error {
 			}
 			return 0
 		}(),
-		Sessions: mirror.Source{},
-		Logger:   log,
+		Sessions:   mirror.Source{},
+		MaxClients: c.MaxClients,
+		Logger:     log,
 	})
 	log.Info().Str("listen", l.Addr().String()).Str("file", c.File).Uint64("size", srv.Size()).
 		Bool("oldstyle", c.Oldstyle).Bool("read_only", c.ReadOnly).Msg("serving")
