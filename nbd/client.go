@@ -635,6 +635,10 @@ func (c *Client) readLoop() {
 		cl.errno = errConnLost
 		c.complete(cl)
 	}
+	if c.onIdle != nil {
+		// Replies handled just before the end may be waiting for it.
+		c.onIdle()
+	}
 	close(c.readerDone)
 }
 

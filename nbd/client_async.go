@@ -27,7 +27,14 @@ func (c *Client) StartAsync(req Request, payload, readBuf []byte, done func([]Ex
 	if req.Type == CmdDisc {
 		return fmt.Errorf("nbd: use Close to disconnect")
 	}
-	c.sem <- struct{}{}
+	select {
+	case c.sem <- struct{}{}:
+	default:
+		// Every slot is taken, possibly by requests still queued here:
+		// send them, or no reply would ever free a slot.
+		_ = c.FlushRequests()
+		c.sem <- struct{}{}
+	}
 	cl := getCall()
 	cl.req, cl.buf, cl.fn = req, readBuf, done
 	c.mu.Lock()

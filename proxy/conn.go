@@ -43,6 +43,8 @@ type op struct {
 	// change marks a WRITE, TRIM or WRITE_ZEROES, which the prefetch
 	// counts while in flight.
 	change bool
+	// arrived is when the client sent it, for MaxOutage.
+	arrived time.Time
 	// under conn.pmu
 	sends  int       // times sent upstream
 	sentAt time.Time // latest send
@@ -145,13 +147,19 @@ func (c *conn) serve() {
 	c.upShared.Store(up)
 	c.connected.Store(true)
 	c.noteFence()
+	clean := false
 	defer func() {
 		c.connected.Store(false)
-		c.smu.Lock()
-		if c.up != nil {
-			c.up.Close()
+		// A connection with nothing left to answer says goodbye; any
+		// other is cut, since a request stuck upstream would hold a
+		// goodbye forever.
+		if up := c.upShared.Load(); up != nil {
+			if clean {
+				up.Close()
+			} else {
+				up.Abort()
+			}
 		}
-		c.smu.Unlock()
 	}()
 	flags := up.Flags() & passFlags
 	if c.cache.size > 0 {
@@ -180,7 +188,12 @@ func (c *conn) serve() {
 		c.reconnector()
 	}()
 	go c.watchdog()
-	reason := c.readLoop()
+	reason, gone := c.readLoop()
+	if gone {
+		// A client that left without DISC waits for nothing: what it
+		// sent may or may not have run, as with any server.
+		c.cancel()
+	}
 	// Everything read is answered (or the client is gone) before the
 	// upstream connection closes.
 	answered := make(chan struct{})
@@ -190,16 +203,33 @@ func (c *conn) serve() {
 	}()
 	select {
 	case <-answered:
+		clean = true
 	case <-c.ctx.Done():
+		// Cut the upstream connection so the reconnector and the
+		// replies stop, and release what is left unanswered.
+		if up := c.upShared.Load(); up != nil {
+			up.Abort()
+		}
 	}
 	c.flushOut()
 	c.cancel()
 	<-reconnector
+	if !clean {
+		c.failPending()
+		<-answered
+	}
 	c.log.Info().Str("reason", reason).Msg("client disconnected")
 }
 
-// readLoop reads requests until the client leaves; it returns why.
-func (c *conn) readLoop() string {
+// readLoop reads requests until the client leaves; it returns why, and
+// whether the client is gone without DISC (so nothing need be answered).
+func (c *conn) readLoop() (string, bool) {
+	// Requests queued since the last send go now, whatever ended the loop.
+	defer func() {
+		c.smu.Lock()
+		c.flushUp()
+		c.smu.Unlock()
+	}()
 	var h [nbd.RequestHeaderSize]byte
 	for seq := uint64(1); ; seq++ {
 		if c.br.Buffered() == 0 {
@@ -210,35 +240,43 @@ func (c *conn) readLoop() string {
 		}
 		if _, err := io.ReadFull(c.br, h[:]); err != nil {
 			if c.draining.Load() {
-				return "proxy shutting down"
+				return "proxy shutting down", false
 			}
 			if errors.Is(err, io.EOF) {
-				return "closed without DISC"
+				return "closed without DISC", true
 			}
-			return err.Error()
+			return err.Error(), true
 		}
 		req, err := nbd.DecodeRequest(&h)
 		if err != nil {
 			c.log.Warn().Err(err).Msg("bad request; dropping the client")
-			return "bad request"
+			return "bad request", true
 		}
 		select {
 		case c.slots <- struct{}{}:
-		case <-c.ctx.Done():
-			return "aborted"
+		default:
+			// Full: what is queued must go, or no answer frees a slot.
+			c.smu.Lock()
+			c.flushUp()
+			c.smu.Unlock()
+			select {
+			case c.slots <- struct{}{}:
+			case <-c.ctx.Done():
+				return "aborted", true
+			}
 		}
-		o := &op{seq: seq, req: req}
+		o := &op{seq: seq, req: req, arrived: time.Now()}
 		switch req.Type {
 		case nbd.CmdDisc:
 			<-c.slots
-			return "DISC"
+			return "DISC", false
 		case nbd.CmdWrite, nbd.CmdRead:
 			if req.Length > nbd.DefaultMaxPayload {
 				// The C proxy drops such a client too: its payload
 				// would have to be buffered whole for a replay.
 				c.log.Warn().Uint32("length", req.Length).Msg("request over 32 MiB; dropping the client")
 				<-c.slots
-				return "request too large"
+				return "request too large", true
 			}
 			if req.Type == nbd.CmdRead {
 				o.buf = getBuf(int(req.Length))
@@ -248,7 +286,7 @@ func (c *conn) readLoop() string {
 			if _, err := io.ReadFull(c.br, o.payload); err != nil {
 				putBuf(o.payload)
 				<-c.slots
-				return "short write payload"
+				return "short write payload", true
 			}
 		}
 		c.unanswered.Add(1)
@@ -264,6 +302,15 @@ func (c *conn) submit(o *op) {
 	if c.failing {
 		c.p.stats.failed.Add(1)
 		c.answer(o, nil, nbd.EIO, true)
+		return
+	}
+	switch {
+	case o.req.Type == nbd.CmdBlockStatus && c.sess.AllocationContext == 0:
+		// Not negotiated: refused here, as a server would.
+		c.answer(o, nil, nbd.EINVAL, true)
+		return
+	case o.req.Type == nbd.CmdRead && o.req.Length == 0:
+		c.answer(o, nil, nil, true) // nothing to fetch
 		return
 	}
 	switch o.req.Type {
@@ -306,9 +353,14 @@ func (c *conn) flushUp() {
 }
 
 // watchdog gives up on an upstream connection whose oldest request has
-// waited longer than the timeout for its reply.
+// waited longer than the timeout for its reply, and fails requests older
+// than MaxOutage.
 func (c *conn) watchdog() {
-	tick := time.NewTicker(min(max(c.p.cfg.Timeout/4, 10*time.Millisecond), time.Second))
+	period := c.p.cfg.Timeout
+	if c.p.cfg.MaxOutage > 0 {
+		period = min(period, c.p.cfg.MaxOutage)
+	}
+	tick := time.NewTicker(min(max(period/4, 10*time.Millisecond), time.Second))
 	defer tick.Stop()
 	for {
 		select {
@@ -325,7 +377,8 @@ func (c *conn) watchdog() {
 			}
 		}
 		c.pmu.Unlock()
-		if !oldest.IsZero() && time.Since(oldest) > c.p.cfg.Timeout && !c.stale.Load() {
+		c.failOverdue()
+		if !oldest.IsZero() && time.Since(oldest) > c.p.cfg.Timeout && !c.stale.Load() && c.gen.Load() == gen {
 			c.log.Warn().Dur("waited", time.Since(oldest)).Msg("upstream reply overdue")
 			c.stale.Store(true)
 			// Closing the connection also frees a sender waiting for
@@ -374,10 +427,19 @@ func (c *conn) send(o *op) {
 		return
 	}
 	err := up.StartAsync(upstreamRequest(o), o.payload, o.buf, func(ext []nbd.Extent, err error) {
-		if err != nil && !isReply(err) {
+		switch {
+		case err != nil && !isReply(err):
 			// The connection failed: o stays pending and is sent again.
 			c.kick()
 			return
+		case errors.Is(err, nbd.ESHUTDOWN):
+			// The server is stopping and did not run it: it goes
+			// again to whichever server answers next.
+			c.stale.Store(true)
+			c.kick()
+			return
+		case err == nil && o.req.Type == nbd.CmdBlockStatus && len(ext) == 0:
+			err = nbd.EIO // a server describing nothing broke the protocol
 		}
 		c.answer(o, ext, err, false)
 	})
@@ -492,6 +554,27 @@ func (c *conn) noteFence() {
 	}
 }
 
+// failOverdue answers EIO to requests that have waited longer than
+// MaxOutage, whether the upstream is unreachable or only silent.
+func (c *conn) failOverdue() {
+	limit := c.p.cfg.MaxOutage
+	if limit <= 0 {
+		return
+	}
+	var late []*op
+	c.pmu.Lock()
+	for _, o := range c.pending {
+		if time.Since(o.arrived) > limit {
+			late = append(late, o)
+		}
+	}
+	c.pmu.Unlock()
+	for _, o := range late {
+		c.p.stats.failed.Add(1)
+		c.answer(o, nil, nbd.EIO, true)
+	}
+}
+
 // failPending answers every pending request with EIO.
 func (c *conn) failPending() {
 	c.pmu.Lock()
@@ -548,6 +631,8 @@ func (c *conn) answer(o *op, ext []nbd.Extent, err error, flush bool) {
 		c.out = nbd.AppendErrorChunk(c.out, nbd.ReplyFlagDone, cookie, errno, msg)
 	case errno != 0:
 		c.out = nbd.AppendSimpleReply(c.out, errno, cookie)
+	case o.req.Type == nbd.CmdRead && c.sess.Structured && o.req.Length == 0:
+		c.out = nbd.AppendChunkHeader(c.out, nbd.ReplyFlagDone, nbd.ReplyTypeNone, cookie, 0)
 	case o.req.Type == nbd.CmdRead && c.sess.Structured:
 		c.out = nbd.AppendOffsetDataHeader(c.out, nbd.ReplyFlagDone, cookie, o.req.Offset, o.req.Length)
 		data = o.buf[:o.req.Length]

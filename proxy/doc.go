@@ -19,8 +19,10 @@
 // sends every unanswered request again, oldest first, before any newer
 // one. A request answered twice (on the
 // old connection just before it failed, and again) is answered to the
-// client once. With MaxOutage, requests fail with EIO once the upstream
-// has been unreachable that long.
+// client once. An ESHUTDOWN from a stopping server is taken as the end of
+// its connection, not as an answer. With MaxOutage, a request that has
+// waited that long fails with EIO, whether the upstream is unreachable or
+// only silent. A client that leaves without DISC is not waited for.
 //
 // Fencing: each client's upstream connections carry a random key and a
 // rising generation in nbd.OptFence; a flexnbd server lets a newer
@@ -35,4 +37,7 @@
 //
 // BUG(proxy): READ replies are copied through the proxy's memory; 1 MiB
 // reads reach about a third of direct throughput on two cores.
+//
+// BUG(proxy): Buffered payloads are bounded per client (twice MaxInFlight
+// requests, up to 4 GiB of 32 MiB writes), not across clients.
 package proxy
