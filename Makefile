@@ -8,7 +8,7 @@ ADDR      ?= 127.0.0.1
 PORT      ?= 10809
 GOFILES   := $(shell find . -name '*.go' -not -path './.git/*')
 
-.PHONY: all build test vet fmt-check race unit bench bench-migrate bench-proxy serve man install clean
+.PHONY: all build test vet fmt-check race unit fuzz bench bench-migrate bench-proxy serve man install clean
 
 all: build
 
@@ -23,6 +23,12 @@ $(BIN): $(GOFILES) go.mod go.sum
 test: fmt-check vet build
 	$(GO) test -race -count=1 -timeout 12m ./...
 	$(GO) test -count=1 -run 'AllocatesNothing' ./server/
+	FUZZTIME=$${FUZZTIME:-15s} GO=$(GO) scripts/fuzz.sh
+
+# Every fuzz target for FUZZTIME each (15 s by default); failing inputs are
+# kept under the package's testdata/fuzz/.
+fuzz:
+	GO=$(GO) scripts/fuzz.sh
 
 vet:
 	$(GO) vet ./...
