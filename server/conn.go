@@ -146,13 +146,16 @@ func (c *conn) serve() {
 	c.wg.Add(1)
 	c.readLoop()
 	c.wg.Wait()
+	c.releaseReader()
 	c.sessionEnded(c.gotDisc)
 	c.log.Info().Msg("client disconnected")
 }
 
 func (c *conn) handshake() error {
 	cfg := &c.srv.cfg
-	c.br = bufio.NewReaderSize(c.nc, 128<<10)
+	// The handshake's messages are small: the large reader the requests
+	// use is taken once they come (see readRequest).
+	c.br = bufio.NewReaderSize(c.nc, handshakeReaderSize)
 	_ = c.nc.SetDeadline(time.Now().Add(cfg.HandshakeTimeout))
 	if c.draining.Load() {
 		// drain ran before the deadline above replaced its own.
@@ -355,6 +358,12 @@ var errDropped = errors.New("held requests dropped")
 func (c *conn) readRequest() (*request, error) {
 	hdr := &c.hdrBuf
 	c.needFlush(len(hdr))
+	if c.br.Buffered() == 0 && c.sock != nil && (c.br.Size() != requestReaderSize ||
+		int(c.srv.numConns.Load()) > c.srv.cfg.LeanAbove) {
+		if err := c.idle(); err != nil {
+			return nil, err
+		}
+	}
 	if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
 		return nil, err
 	}
@@ -378,6 +387,50 @@ func (c *conn) readRequest() (*request, error) {
 		c.srv.leave()
 	}
 	return r, err
+}
+
+// Read buffers: a small one for the handshake, and a large one for the
+// requests. Once the server has more than LeanAbove connections, the large
+// one is lent from a pool only while requests arrive, so that idle
+// connections cost a few KiB instead of 128; below, a connection keeps it
+// and saves the check for data before every wait (at queue depth 1, 13%
+// of the requests per second on two cores).
+const (
+	handshakeReaderSize = 4 << 10
+	requestReaderSize   = 128 << 10
+)
+
+var readerPool = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, requestReaderSize) }}
+
+// idle makes sure the large reader serves the next request: when the
+// client has sent nothing yet, it waits without holding any read buffer.
+// c.br must hold nothing.
+func (c *conn) idle() error {
+	if c.sock.hasData() {
+		if c.br.Size() != requestReaderSize {
+			c.br = readerPool.Get().(*bufio.Reader)
+			c.br.Reset(c.nc)
+		}
+		return nil
+	}
+	if c.br.Size() == requestReaderSize {
+		c.br.Reset(nil)
+		readerPool.Put(c.br)
+	}
+	c.br = nil
+	err := c.sock.waitReadable()
+	c.br = readerPool.Get().(*bufio.Reader)
+	c.br.Reset(c.nc)
+	return err
+}
+
+// release gives the large reader back when the connection ends.
+func (c *conn) releaseReader() {
+	if c.br != nil && c.br.Size() == requestReaderSize {
+		c.br.Reset(nil)
+		readerPool.Put(c.br)
+		c.br = nil
+	}
 }
 
 // badMagic answers a request header that does not start with the request

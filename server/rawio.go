@@ -43,10 +43,14 @@ type sockIO struct {
 	writeFn func(fd uintptr) bool
 
 	// owned by the single reader
-	rbuf   []byte
-	rn     uintptr
-	rerrno syscall.Errno
-	readFn func(fd uintptr) bool
+	peekBuf   [1]byte
+	peekErrno syscall.Errno
+	peekFn    func(fd uintptr) bool
+	peekCtl   func(fd uintptr)
+	rbuf      []byte
+	rn        uintptr
+	rerrno    syscall.Errno
+	readFn    func(fd uintptr) bool
 }
 
 // newSockIO returns nil for connections without a file descriptor (tests'
@@ -63,6 +67,8 @@ func newSockIO(nc net.Conn) *sockIO {
 	s := &sockIO{rc: rc}
 	s.writeFn = s.writeOnce
 	s.readFn = s.readOnce
+	s.peekFn = s.peekOnce
+	s.peekCtl = s.peekControl
 	return s
 }
 
@@ -123,6 +129,29 @@ func consume(bufs [][]byte, n int) [][]byte {
 	}
 	return bufs
 }
+
+// hasData reports, without waiting or reading, whether the socket has
+// data (or an end or error) for a read.
+func (s *sockIO) hasData() bool {
+	_ = s.rc.Control(s.peekCtl)
+	return s.peekErrno != unix.EAGAIN
+}
+
+// waitReadable returns once the socket has data (or an end or error) for
+// a read, without reading it, honouring the connection's deadline.
+func (s *sockIO) waitReadable() error {
+	return s.rc.Read(s.peekFn)
+}
+
+func (s *sockIO) peekOnce(fd uintptr) bool {
+	// A peek rather than trusting the poller: data may be waiting
+	// without a new readiness event to wake it.
+	_, _, s.peekErrno = unix.RawSyscall6(unix.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&s.peekBuf[0])), 1,
+		unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
+	return s.peekErrno != unix.EAGAIN
+}
+
+func (s *sockIO) peekControl(fd uintptr) { s.peekOnce(fd) }
 
 // readSome reads what the socket has for p, at least one byte, waiting
 // for it until the connection's deadline.

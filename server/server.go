@@ -46,6 +46,11 @@ type Config struct {
 	// PayloadTimeout drops a client whose WRITE payload stops arriving for
 	// this long. Default 30 s.
 	PayloadTimeout time.Duration
+	// LeanAbove is the number of connections beyond which an idle one
+	// gives back its 128 KiB read buffer while it waits (a few KiB stay),
+	// at the price of a system call per request batch; negative: always.
+	// Default 256.
+	LeanAbove int
 	// MaxClients bounds the connections served at once; a peer beyond it
 	// is closed before any greeting, as one the access list rejects.
 	// Default 4096.
@@ -89,6 +94,8 @@ type Server struct {
 	fences    map[string]fenceHolder
 	// fullLogged is when MaxClients last refused someone with a log line.
 	fullLogged atomic.Int64
+	// numConns is len(conns), read without the lock.
+	numConns atomic.Int32
 
 	stats Stats
 	start time.Time
@@ -117,6 +124,9 @@ type StatsSnapshot struct {
 
 // New returns a server for cfg. It does not take ownership of the backend.
 func New(cfg Config) *Server {
+	if cfg.LeanAbove == 0 {
+		cfg.LeanAbove = 256
+	}
 	if cfg.MaxClients <= 0 {
 		cfg.MaxClients = 4096
 	}
@@ -276,6 +286,7 @@ func (s *Server) accept(nc net.Conn) {
 		return
 	}
 	s.conns[c] = struct{}{}
+	s.numConns.Add(1)
 	s.mu.Unlock()
 	s.monitorOnce.Do(func() { go s.monitor() })
 	select {
@@ -321,7 +332,10 @@ func (s *Server) monitor() {
 
 func (s *Server) forget(c *conn) {
 	s.mu.Lock()
-	delete(s.conns, c)
+	if _, ok := s.conns[c]; ok {
+		delete(s.conns, c)
+		s.numConns.Add(-1)
+	}
 	s.connsDone.Broadcast()
 	s.mu.Unlock()
 }
