@@ -55,3 +55,10 @@ func (s *Server) DrainingClients() int {
 	}
 	return n
 }
+
+// MemoryInUse is what the server-wide budget has handed out.
+func (s *Server) MemoryInUse() int {
+	s.memory.mu.Lock()
+	defer s.memory.mu.Unlock()
+	return s.memory.used
+}

@@ -333,3 +333,32 @@ func TestMaxClientsRefusesTheExcess(t *testing.T) {
 	defer c.Close()
 	roundTrip(t, c, 4096, 2)
 }
+
+// Clients that never read their replies cannot make the server hold more
+// than MaxMemory of data between them, whatever each connection's own
+// allowance; the memory comes back when they are dropped.
+func TestServerWideMemoryBound(t *testing.T) {
+	const limit = 4 << 20
+	inst := testserver.Start(t, testserver.Options{Config: server.Config{
+		MaxMemory: limit, MaxBufferBytes: 64 << 20, WriteTimeout: 500 * time.Millisecond,
+	}})
+	for range 3 {
+		rc := dialRaw(t, inst.Addr)
+		go func() {
+			for i := range 64 {
+				if rc.send(nbd.Request{Type: nbd.CmdRead, Cookie: uint64(i), Length: 1 << 20}, nil) != nil {
+					return
+				}
+			}
+		}()
+	}
+	waitFor(t, "the memory to fill", func() bool { return inst.Server.MemoryInUse() >= limit-(1<<20) })
+	for range 50 {
+		require.LessOrEqual(t, inst.Server.MemoryInUse(), limit)
+		time.Sleep(2 * time.Millisecond)
+	}
+	waitFor(t, "the readers that do not read to be dropped", func() bool { return inst.Server.NumClients() == 0 })
+	assert.Zero(t, inst.Server.MemoryInUse(), "all of it came back")
+	good := inst.Dial(t, nil)
+	roundTrip(t, good, 0, 1)
+}

@@ -82,12 +82,19 @@ func (r *request) allocBuf(n int) {
 	r.buf = (*r.bufp)[:n]
 }
 
-// reserve takes n bytes of the connection's buffer budget for this request.
-// Held replies own budget too, so they are sent before waiting for more.
+// reserve takes n bytes of the connection's buffer budget, then of the
+// server's, for this request. Held replies own budget too, so they are
+// sent before waiting for more. Nobody waits for the server's budget while
+// holding some of it beyond its own connection's, so waits end as requests
+// finish.
 func (r *request) reserve(n int) {
 	if !r.c.budget.tryAcquire(n) {
 		r.c.out.flush()
 		r.c.budget.acquire(n)
+	}
+	if !r.c.srv.memory.tryAcquire(n) {
+		r.c.out.flush()
+		r.c.srv.memory.acquire(n)
 	}
 	r.budgeted += n
 }
@@ -99,6 +106,7 @@ func (r *request) free() {
 		r.bufp, r.buf = nil, nil
 	}
 	r.c.budget.release(r.budgeted)
+	r.c.srv.memory.release(r.budgeted)
 	r.budgeted = 0
 	if r.c.active != nil {
 		r.c.activeMu.Lock()

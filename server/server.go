@@ -40,6 +40,10 @@ type Config struct {
 	// MaxBufferBytes bounds the data buffers one connection holds.
 	// Default 128 MiB.
 	MaxBufferBytes int
+	// MaxMemory bounds the data buffers (WRITE payloads, READ replies)
+	// of all connections together: beyond it clients wait for memory
+	// instead of the process growing. Default 1 GiB.
+	MaxMemory int
 	// WriteTimeout drops a client that does not read its replies for this
 	// long. Default 2 minutes.
 	WriteTimeout time.Duration
@@ -96,6 +100,8 @@ type Server struct {
 	fullLogged atomic.Int64
 	// numConns is len(conns), read without the lock.
 	numConns atomic.Int32
+	// memory is MaxMemory, shared by every connection's buffers.
+	memory *budget
 
 	stats Stats
 	start time.Time
@@ -124,6 +130,9 @@ type StatsSnapshot struct {
 
 // New returns a server for cfg. It does not take ownership of the backend.
 func New(cfg Config) *Server {
+	if cfg.MaxMemory <= 0 {
+		cfg.MaxMemory = 1 << 30
+	}
 	if cfg.LeanAbove == 0 {
 		cfg.LeanAbove = 256
 	}
@@ -154,6 +163,7 @@ func New(cfg Config) *Server {
 		listeners: make(map[net.Listener]struct{}),
 		conns:     make(map[*conn]struct{}),
 		start:     time.Now(),
+		memory:    newBudget(cfg.MaxMemory),
 	}
 	s.connsDone = sync.NewCond(&s.mu)
 	s.hold.init()

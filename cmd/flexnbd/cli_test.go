@@ -245,6 +245,7 @@ func TestUsageErrors(t *testing.T) {
 		{"missing file", []string{"serve", "-l", "127.0.0.1", "-p", port, "-f", file + ".missing"}, "no such file"},
 		{"read without size", []string{"read", "-l", "127.0.0.1", "-p", port, "-F", "0"}, "--size"},
 		{"non-numeric offset", []string{"write", "-l", "127.0.0.1", "-p", port, "-F", "x", "-S", "1"}, "--from"},
+		{"max memory too small", []string{"serve", "-l", "127.0.0.1", "-p", port, "-f", file, "--max-memory", "4096"}, "--max-memory"},
 		{"max clients zero", []string{"serve", "-l", "127.0.0.1", "-p", port, "-f", file, "--max-clients", "0"}, "--max-clients"},
 		{"proxy without upstream", []string{"proxy", "-l", "127.0.0.1", "-p", port}, "--conn-addr"},
 		{"proxy without upstream port", []string{"proxy", "-l", "127.0.0.1", "-p", port, "-C", "127.0.0.1"}, "--conn-port"},

@@ -19,6 +19,7 @@ type ListenCmd struct {
 	DefaultDeny bool     `short:"d" name:"default-deny" help:"Refuse every client when the access list is empty."`
 	Oldstyle    bool     `help:"Greet with the oldstyle handshake: for a C flexnbd source; the first connection is taken for the source."`
 	ThenServe   bool     `name:"then-serve" help:"Once the migration completed, go on serving the file to every client instead of exiting."`
+	MaxMemory   int      `name:"max-memory" default:"1073741824" placeholder:"BYTES" help:"Data buffers (write payloads, read replies) of all clients together; beyond it clients wait."`
 	MaxClients  int      `name:"max-clients" default:"4096" help:"Clients served at once (with --then-serve); more are closed before any greeting."`
 	ACL         []string `arg:"" optional:"" name:"acl" help:"Addresses or prefixes allowed to connect (the source included)."`
 	LogFlags
@@ -36,6 +37,9 @@ func (c *ListenCmd) Run() error {
 	if c.MaxClients < 1 {
 		return errors.New("--max-clients must be at least 1")
 	}
+	if c.MaxMemory < 1<<20 {
+		return errors.New("--max-memory must be at least 1 MiB (1048576)")
+	}
 	file, err := server.OpenFile(c.File, false)
 	if err != nil {
 		return err
@@ -52,6 +56,7 @@ func (c *ListenCmd) Run() error {
 		ACL:        list,
 		Sessions:   dest,
 		MaxClients: c.MaxClients,
+		MaxMemory:  c.MaxMemory,
 		Logger:     log,
 	})
 	log.Info().Str("listen", l.Addr().String()).Str("file", c.File).Uint64("size", srv.Size()).
