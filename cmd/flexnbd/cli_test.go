@@ -450,3 +450,17 @@ func TestRunAsFlexnbdProxy(t *testing.T) {
 	assert.Equal(t, 1, code)
 	assert.Equal(t, "flexnbd: missing flags: --conn-addr=STRING\n", stderr)
 }
+
+// With fewer descriptors than --max-clients needs, serve lowers the limit
+// and says so, keeping a reserve for its control socket and files.
+func TestMaxClientsFitsTheDescriptorLimit(t *testing.T) {
+	file := scratch(t, 1<<20, nil)
+	port := testproc.FreePort(t)
+	p := testproc.Start(t, "", "sh", "-c", "ulimit -n 200 && exec \"$0\" \"$@\"", flexnbdBin,
+		"serve", "--addr", "127.0.0.1", "--port", strconv.Itoa(port), "--file", file, "-v")
+	p.Stderr.WaitFor(t, "serving")
+	assert.Contains(t, p.Stderr.Text(), "descriptor limit below max-clients; lowering it")
+	assert.Contains(t, p.Stderr.Text(), "now=136")
+	p.Signal(t, syscall.SIGTERM)
+	assert.Zero(t, p.Wait(t))
+}

@@ -37,6 +37,7 @@ func (c *ListenCmd) Run() error {
 	if c.MaxClients < 1 {
 		return errors.New("--max-clients must be at least 1")
 	}
+	c.MaxClients = fitClients(c.MaxClients, log)
 	if c.MaxMemory < 1<<20 {
 		return errors.New("--max-memory must be at least 1 MiB (1048576)")
 	}

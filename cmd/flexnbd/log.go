@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 )
 
 // LogFlags are shared by every mode: -v for informational events, -q for
@@ -31,4 +32,23 @@ func (f *LogFlags) logger() zerolog.Logger {
 		l = zerolog.New(zerolog.ConsoleWriter{Out: os.Stderr, TimeFormat: "15:04:05.000", NoColor: true})
 	}
 	return l.Level(level).With().Timestamp().Logger()
+}
+
+// fdReserve is the file descriptors kept free of clients: the control
+// socket's peers, the export, a migration's connections, logs.
+const fdReserve = 64
+
+// fitClients lowers a client limit that the process's descriptor limit
+// could not honour, so that running out of descriptors never locks out the
+// control socket or new clients for seconds at a time. (Go raises the soft
+// limit to the hard one at start.)
+func fitClients(limit int, log zerolog.Logger) int {
+	var rl unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err != nil || rl.Cur > uint64(limit+fdReserve) {
+		return limit
+	}
+	fit := max(int(rl.Cur)-fdReserve, 1)
+	log.Warn().Int("max_clients", limit).Uint64("nofile", rl.Cur).Int("now", fit).
+		Msg("descriptor limit below max-clients; lowering it")
+	return fit
 }

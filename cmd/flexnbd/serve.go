@@ -55,6 +55,7 @@ func (c *ServeCmd) Run() error {
 	if c.MaxClients < 1 {
 		return errors.New("--max-clients must be at least 1")
 	}
+	c.MaxClients = fitClients(c.MaxClients, log)
 	if c.MaxMemory < 1<<20 {
 		return errors.New("--max-memory must be at least 1 MiB (1048576)")
 	}
