@@ -102,6 +102,19 @@ func TestWriteThenDisc(t *testing.T) {
 	assert.Zero(t, readReply(t, nc, 0))
 }
 
+// greet plays a server's handshake for a 1 MiB export on nc and returns
+// the reader for the requests, or nil.
+func greet(nc net.Conn) *bufio.Reader {
+	br := bufio.NewReader(nc)
+	info := nbd.ExportInfo{Size: 1 << 20, Flags: nbd.FlagHasFlags | nbd.FlagSendFlush}
+	if _, err := nbd.ServerHandshake(br, nc, &nbd.ServerConfig{
+		Lookup: func(string) (nbd.ExportInfo, error) { return info, nil },
+	}); err != nil {
+		return nil
+	}
+	return br
+}
+
 // silentUpstream negotiates and then never answers; got receives a value
 // for each request header it reads.
 func silentUpstream(t *testing.T, got chan<- struct{}) string {
@@ -116,11 +129,8 @@ func silentUpstream(t *testing.T, got chan<- struct{}) string {
 			}
 			go func() {
 				defer nc.Close()
-				br := bufio.NewReader(nc)
-				info := nbd.ExportInfo{Size: 1 << 20, Flags: nbd.FlagHasFlags | nbd.FlagSendFlush}
-				if _, err := nbd.ServerHandshake(br, nc, &nbd.ServerConfig{
-					Lookup: func(string) (nbd.ExportInfo, error) { return info, nil },
-				}); err != nil {
+				br := greet(nc)
+				if br == nil {
 					return
 				}
 				var h [nbd.RequestHeaderSize]byte
@@ -179,11 +189,8 @@ func TestAnswerDeliveredWhenUpstreamDiesRightAfter(t *testing.T) {
 			return
 		}
 		defer nc.Close()
-		br := bufio.NewReader(nc)
-		info := nbd.ExportInfo{Size: 1 << 20, Flags: nbd.FlagHasFlags | nbd.FlagSendFlush}
-		if _, err := nbd.ServerHandshake(br, nc, &nbd.ServerConfig{
-			Lookup: func(string) (nbd.ExportInfo, error) { return info, nil },
-		}); err != nil {
+		br := greet(nc)
+		if br == nil {
 			return
 		}
 		var h [nbd.RequestHeaderSize]byte

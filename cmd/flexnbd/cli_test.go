@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
-	"fmt"
 	"io"
 	"math/rand/v2"
 	"net"
@@ -31,17 +30,7 @@ var flexnbdBin string
 // raceBuild is set by race_test.go in race-enabled test runs.
 var raceBuild bool
 
-func TestMain(m *testing.M) {
-	bin, cleanup, err := testproc.Build(raceBuild)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	flexnbdBin = bin
-	code := m.Run()
-	cleanup()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { testproc.Main(m, raceBuild, &flexnbdBin) }
 
 type result struct {
 	stdout, stderr []byte

@@ -60,7 +60,8 @@ func (c *ListenCmd) Run() error {
 		MaxMemory:  c.MaxMemory,
 		Logger:     log,
 	})
+	sigs := notifyStop()
 	log.Info().Str("listen", l.Addr().String()).Str("file", c.File).Uint64("size", srv.Size()).
 		Bool("oldstyle", c.Oldstyle).Bool("then_serve", c.ThenServe).Msg("waiting for a migration")
-	return runInstance(newInstance(srv, file, c.File, dest, log), l, c.Sock, c.ThenServe)
+	return runInstance(newInstance(srv, file, c.File, dest, log), l, c.Sock, c.ThenServe, sigs)
 }

@@ -9,7 +9,6 @@ import (
 	"os/signal"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/flexnbd/flexnbd/control"
@@ -60,12 +59,11 @@ func (c *ProxyCmd) Run() error {
 	if err != nil {
 		return err
 	}
+	sigs := notifyStop()
+	defer signal.Stop(sigs)
 	log.Info().Str("listen", l.Addr().String()).Str("upstream", up.String()).Bool("oldstyle", c.Oldstyle).
 		Msg("proxying")
 
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGQUIT)
-	defer signal.Stop(sigs)
 	served := make(chan error, 1)
 	go func() { served <- p.Serve(l) }()
 	// The control socket appears once the proxy listens, as for serve.

@@ -35,6 +35,13 @@ type ServeCmd struct {
 	LogFlags
 }
 
+// notifyStop catches the signals that stop an instance.
+func notifyStop() chan os.Signal {
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGQUIT)
+	return sigs
+}
+
 // shutdownGrace bounds how long in-flight requests may take to finish
 // once a signal asked the server to stop.
 const shutdownGrace = 30 * time.Second
@@ -84,9 +91,12 @@ func (c *ServeCmd) Run() error {
 		MaxMemory:  c.MaxMemory,
 		Logger:     log,
 	})
+	// Signals are caught before "serving" is logged: a script that
+	// stops the server once it reads that line must get a clean stop.
+	sigs := notifyStop()
 	log.Info().Str("listen", l.Addr().String()).Str("file", c.File).Uint64("size", srv.Size()).
 		Bool("oldstyle", c.Oldstyle).Bool("read_only", c.ReadOnly).Msg("serving")
-	return runInstance(newInstance(srv, file, c.File, nil, log), l, c.Sock, false)
+	return runInstance(newInstance(srv, file, c.File, nil, log), l, c.Sock, false, sigs)
 }
 
 // errStoppedMidMigration is the exit of a server stopped while it was
@@ -97,11 +107,9 @@ var errStoppedMidMigration = errors.New("stopped during a migration")
 // runInstance serves inst on l, with its control socket at sock, until a
 // signal, a hand-off or a failure ends it. A listen instance that
 // completes its migration exits then, or with thenServe goes on serving.
-func runInstance(inst *instance, l net.Listener, sock string, thenServe bool) error {
+func runInstance(inst *instance, l net.Listener, sock string, thenServe bool, sigs chan os.Signal) error {
 	log, srv := inst.log, inst.srv
 	inst.self = l.Addr()
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGQUIT)
 	defer signal.Stop(sigs)
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(l) }()

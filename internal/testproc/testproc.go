@@ -240,3 +240,18 @@ func FreePort(t testing.TB) int {
 
 // Itoa is strconv.Itoa, for building argument lists.
 func Itoa(n int) string { return strconv.Itoa(n) }
+
+// Main is a TestMain for packages that run the command: it builds it
+// (with the race detector when race), stores its path in *bin, runs the
+// tests and exits with their status.
+func Main(m *testing.M, race bool, bin *string) {
+	b, cleanup, err := Build(race)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	*bin = b
+	code := m.Run()
+	cleanup()
+	os.Exit(code)
+}

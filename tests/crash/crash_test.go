@@ -22,17 +22,7 @@ var (
 	raceBuild bool
 )
 
-func TestMain(m *testing.M) {
-	b, cleanup, err := testproc.Build(raceBuild)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	bin = b
-	code := m.Run()
-	cleanup()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { testproc.Main(m, raceBuild, &bin) }
 
 const (
 	blockSize = 4096

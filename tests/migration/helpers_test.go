@@ -23,17 +23,7 @@ var bin string
 // raceBuild is set by race_test.go in race-enabled test runs.
 var raceBuild bool
 
-func TestMain(m *testing.M) {
-	b, cleanup, err := testproc.Build(raceBuild)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	bin = b
-	code := m.Run()
-	cleanup()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { testproc.Main(m, raceBuild, &bin) }
 
 // host is one side of a migration: a flexnbd process, its file and its
 // control socket.

@@ -18,17 +18,7 @@ var bin string
 // raceBuild is set by race_test.go in race-enabled test runs.
 var raceBuild bool
 
-func TestMain(m *testing.M) {
-	b, cleanup, err := testproc.Build(raceBuild)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	bin = b
-	code := m.Run()
-	cleanup()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { testproc.Main(m, raceBuild, &bin) }
 
 // backend is a `flexnbd serve` that a test may kill and start again on
 // the same port and file.
