@@ -8,7 +8,7 @@ ADDR      ?= 127.0.0.1
 PORT      ?= 10809
 GOFILES   := $(shell find . -name '*.go' -not -path './.git/*')
 
-.PHONY: all build test vet fmt-check race unit fuzz bench bench-migrate bench-proxy serve man install clean
+.PHONY: all build test vet fmt-check race unit fuzz soak bench bench-migrate bench-proxy serve man install clean
 
 all: build
 
@@ -46,6 +46,11 @@ bench: build
 bench-proxy: build
 	SERVERS="flexnbd flexnbd-proxy nbdkit-proxy" SUBJECT=flexnbd-proxy REFERENCE=flexnbd \
 		WORKLOADS="$${WORKLOADS:-rr4k_qd32 rw4k_qd32 sr1m_qd8}" scripts/bench.sh
+
+# Minutes of clients verifying what they read while the access list
+# changes and migrations start, break and complete; see docs/BENCHMARKS.md.
+soak: build
+	$(GO) run ./internal/benchtools/soak -bin $(BIN) -duration $${DURATION:-2m} -clients $${CLIENTS:-64}
 
 # Migration benchmark: flexnbd mirror against nbdcopy into nbdkit, sparse
 # against dense exports, and the longest client write across a hand-off;
