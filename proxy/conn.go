@@ -85,7 +85,6 @@ type conn struct {
 	pmu        sync.Mutex // guards pending and the ops' send fields
 	cache      prefetch
 	unanswered sync.WaitGroup
-	connected  atomic.Bool
 	draining   atomic.Bool
 
 	wmu sync.Mutex // guards out and the downstream writes
@@ -116,6 +115,12 @@ func newFenceKey() string {
 	return "flexnbd-proxy-" + hex.EncodeToString(b[:])
 }
 
+// connected reports whether the client's upstream connection is up.
+func (c *conn) connected() bool {
+	up := c.upShared.Load()
+	return up != nil && up.Err() == nil
+}
+
 // drain stops reading requests; those already read are still answered.
 func (c *conn) drain() {
 	c.draining.Store(true)
@@ -144,11 +149,9 @@ func (c *conn) serve() {
 	}
 	c.up, c.size = up, up.Size()
 	c.upShared.Store(up)
-	c.connected.Store(true)
 	c.noteFence()
 	clean := false
 	defer func() {
-		c.connected.Store(false)
 		// A connection with nothing left to answer says goodbye; any
 		// other is cut, since a request stuck upstream would hold a
 		// goodbye forever.

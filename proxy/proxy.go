@@ -181,7 +181,7 @@ func (p *Proxy) Status() Status {
 	p.mu.Lock()
 	st := Status{Upstreams: append([]Upstream(nil), p.upstreams...), Clients: len(p.conns)}
 	for c := range p.conns {
-		if c.connected.Load() {
+		if c.connected() {
 			st.Connected++
 		}
 	}

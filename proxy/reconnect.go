@@ -32,7 +32,6 @@ func (c *conn) reconnector() {
 			c.upShared.Store(nil)
 		}
 		c.smu.Unlock()
-		c.connected.Store(false)
 		c.p.stats.reconnects.Add(1)
 		if !c.reconnect() {
 			return
@@ -75,7 +74,6 @@ func (c *conn) reconnect() bool {
 	c.gen.Add(1)
 	c.stale.Store(false)
 	c.noteFence()
-	c.connected.Store(true)
 	c.pmu.Lock()
 	ops := make([]*op, 0, len(c.pending))
 	for _, o := range c.pending {

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"errors"
 	"net"
 	"strconv"
 
@@ -19,9 +18,8 @@ type ListenCmd struct {
 	DefaultDeny bool     `short:"d" name:"default-deny" help:"Refuse every client when the access list is empty."`
 	Oldstyle    bool     `help:"Greet with the oldstyle handshake: for a C flexnbd source; the first connection is taken for the source."`
 	ThenServe   bool     `name:"then-serve" help:"Once the migration completed, go on serving the file to every client instead of exiting."`
-	MaxMemory   int      `name:"max-memory" default:"1073741824" placeholder:"BYTES" help:"Data buffers (write payloads, read replies) of all clients together; beyond it clients wait."`
-	MaxClients  int      `name:"max-clients" default:"4096" help:"Clients served at once (with --then-serve); more are closed before any greeting."`
 	ACL         []string `arg:"" optional:"" name:"acl" help:"Addresses or prefixes allowed to connect (the source included)."`
+	limitFlags
 	LogFlags
 }
 
@@ -34,12 +32,8 @@ func (c *ListenCmd) Run() error {
 	if err != nil {
 		return err
 	}
-	if c.MaxClients < 1 {
-		return errors.New("--max-clients must be at least 1")
-	}
-	c.MaxClients = fitClients(c.MaxClients, log)
-	if c.MaxMemory < 1<<20 {
-		return errors.New("--max-memory must be at least 1 MiB (1048576)")
+	if err := c.limitFlags.check(log); err != nil {
+		return err
 	}
 	file, err := server.OpenFile(c.File, false)
 	if err != nil {

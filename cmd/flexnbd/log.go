@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"os"
 	"time"
 
@@ -32,6 +33,25 @@ func (f *LogFlags) logger() zerolog.Logger {
 		l = zerolog.New(zerolog.ConsoleWriter{Out: os.Stderr, TimeFormat: "15:04:05.000", NoColor: true})
 	}
 	return l.Level(level).With().Timestamp().Logger()
+}
+
+// limitFlags bound what the clients of serve and listen may take.
+type limitFlags struct {
+	MaxMemory  int `name:"max-memory" default:"1073741824" placeholder:"BYTES" help:"Data buffers (write payloads, read replies) of all clients together; beyond it clients wait."`
+	MaxClients int `name:"max-clients" default:"4096" help:"Clients served at once; more are closed before any greeting."`
+}
+
+// check refuses limits that cannot work and fits the client limit to the
+// descriptor limit.
+func (f *limitFlags) check(log zerolog.Logger) error {
+	if f.MaxClients < 1 {
+		return errors.New("--max-clients must be at least 1")
+	}
+	if f.MaxMemory < 1<<20 {
+		return errors.New("--max-memory must be at least 1 MiB (1048576)")
+	}
+	f.MaxClients = fitClients(f.MaxClients, log)
+	return nil
 }
 
 // fdReserve is the file descriptors kept free of clients: the control

@@ -29,9 +29,8 @@ type ServeCmd struct {
 	KillSwitch  bool     `short:"k" name:"killswitch" help:"Disconnect a client whose request takes over 120 s."`
 	ReadOnly    bool     `name:"read-only" help:"Refuse writes."`
 	Oldstyle    bool     `help:"Greet clients with the oldstyle handshake (C flexnbd fleets)."`
-	MaxMemory   int      `name:"max-memory" default:"1073741824" placeholder:"BYTES" help:"Data buffers (write payloads, read replies) of all clients together; beyond it clients wait."`
-	MaxClients  int      `name:"max-clients" default:"4096" help:"Clients served at once; more are closed before any greeting."`
 	ACL         []string `arg:"" optional:"" name:"acl" help:"Addresses or prefixes allowed to connect."`
+	limitFlags
 	LogFlags
 }
 
@@ -59,12 +58,8 @@ func (c *ServeCmd) Run() error {
 	if err != nil {
 		return err
 	}
-	if c.MaxClients < 1 {
-		return errors.New("--max-clients must be at least 1")
-	}
-	c.MaxClients = fitClients(c.MaxClients, log)
-	if c.MaxMemory < 1<<20 {
-		return errors.New("--max-memory must be at least 1 MiB (1048576)")
+	if err := c.limitFlags.check(log); err != nil {
+		return err
 	}
 	file, err := server.OpenFile(c.File, c.ReadOnly)
 	if err != nil {

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"os"
@@ -10,6 +11,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/flexnbd/flexnbd/internal/testproc"
+	"github.com/flexnbd/flexnbd/internal/testserver"
 )
 
 // bin is the flexnbd command under test, built once by TestMain.
@@ -72,4 +74,20 @@ func splitHostPort(t *testing.T, addr string) (string, string) {
 	host, port, err := net.SplitHostPort(addr)
 	require.NoError(t, err)
 	return host, port
+}
+
+// stamp runs four stamping writers (testserver.Stamper) through addr, each
+// on blocks blocks of its own, until stop, which returns once they have.
+func stamp(t *testing.T, addr string, blocks int) (*testserver.Stamper, func()) {
+	s := &testserver.Stamper{Blocks: blocks}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		s.Run(ctx, t, addr, 4, 0)
+	}()
+	return s, func() {
+		cancel()
+		<-done
+	}
 }

@@ -46,17 +46,10 @@ func TestServerRestartsAreInvisible(t *testing.T) {
 	b.start(t)
 	p, addr := startProxy(t, b.addr())
 
-	s := &testserver.Stamper{Blocks: 512}
-	ctx, stop := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		s.Run(ctx, t, addr, 4, 0)
-	}()
+	s, stop := stamp(t, addr, 512)
 	killAndRestart(t, b, 300*time.Millisecond, 100*time.Millisecond)
 	time.Sleep(200 * time.Millisecond) // writes after the last restart too
 	stop()
-	<-done
 	require.Zero(t, s.Errs(), "no client saw an error")
 	require.Positive(t, s.Writes())
 	s.Verify(t, b.file)
@@ -294,20 +287,13 @@ func TestStoppedServerCannotOvertakeReplays(t *testing.T) {
 	b.start(t)
 	p, addr := startProxy(t, b.addr())
 
-	s := &testserver.Stamper{Blocks: 256}
-	ctx, stop := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		s.Run(ctx, t, addr, 4, 0)
-	}()
+	s, stop := stamp(t, addr, 256)
 	time.Sleep(300 * time.Millisecond)
 	b.proc.Signal(t, syscall.SIGSTOP)
 	time.Sleep(2500 * time.Millisecond) // past the 1 s timeout, and a few dials
 	b.proc.Signal(t, syscall.SIGCONT)
 	time.Sleep(500 * time.Millisecond)
 	stop()
-	<-done
 	require.Zero(t, s.Errs(), "no client saw an error")
 	s.Verify(t, b.file)
 	text := p.Stderr.Text()
@@ -343,13 +329,7 @@ func TestMigrationBehindTheProxy(t *testing.T) {
 	require.Zero(t, code, errOut)
 	assert.Equal(t, "updated\n", out)
 
-	s := &testserver.Stamper{Blocks: 512}
-	ctx, stop := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		s.Run(ctx, t, addr, 4, 0)
-	}()
+	s, stop := stamp(t, addr, 512)
 	time.Sleep(300 * time.Millisecond)
 	out, errOut, code = testproc.Run(t, nil, bin, "mirror", "--sock", srcSock, "--addr", "127.0.0.1",
 		"--port", testproc.Itoa(dstPort), "--wait")
@@ -366,7 +346,6 @@ func TestMigrationBehindTheProxy(t *testing.T) {
 	assert.Positive(t, st["reconnects"])
 	assert.Equal(t, float64(4), st["clients"])
 	stop()
-	<-done
 	require.Zero(t, s.Errs(), "no client saw an error across the migration")
 	assert.Greater(t, s.Writes(), before, "the clients went on writing, to the destination")
 	s.Verify(t, dstFile)
