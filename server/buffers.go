@@ -38,15 +38,21 @@ func putBuf(p *[]byte) {
 	bufPools[bufClass(cap(*p))].Put(p)
 }
 
-// budget bounds the bytes of data buffers one connection holds, so that
-// memory stays bounded whatever a client sends. acquire blocks until the
-// bytes are free; a single request larger than the limit is let through
-// alone rather than never.
+// budget bounds the bytes of data buffers held, so that memory stays
+// bounded whatever a client sends: one connection's, or the server's all
+// together. acquire blocks until the bytes are free; a single request
+// larger than the limit is let through alone rather than never.
+//
+// The server's budget keeps a reserve that only light holders may use: a
+// few clients that never read their replies can fill the rest, but a
+// client holding little still gets its next small request at once. (Many
+// such clients are dropped by WriteTimeout; see doc.go.)
 type budget struct {
-	mu    sync.Mutex
-	cond  sync.Cond
-	used  int
-	limit int
+	mu      sync.Mutex
+	cond    sync.Cond
+	used    int
+	limit   int
+	reserve int // of limit, for light holders only
 }
 
 func newBudget(limit int) *budget {
@@ -55,9 +61,34 @@ func newBudget(limit int) *budget {
 	return b
 }
 
-func (b *budget) acquire(n int) {
+// newServerBudget is a budget with a reserve for light holders.
+func newServerBudget(limit int) *budget {
+	b := newBudget(limit)
+	b.reserve = limit / reserveShare
+	return b
+}
+
+const (
+	// reserveShare: the reserve is this fraction of the server's budget.
+	reserveShare = 8
+	// lightHolding is the most a connection may hold, the new request
+	// included, and still draw on the reserve.
+	lightHolding = 256 << 10
+)
+
+// fits tells whether n more bytes may be taken now by a light holder or
+// not; b.mu is held.
+func (b *budget) fits(n int, light bool) bool {
+	ceiling := b.limit
+	if !light {
+		ceiling -= b.reserve
+	}
+	return b.used == 0 || b.used+n <= ceiling
+}
+
+func (b *budget) acquire(n int, light bool) {
 	b.mu.Lock()
-	for b.used > 0 && b.used+n > b.limit {
+	for !b.fits(n, light) {
 		b.cond.Wait()
 	}
 	b.used += n
@@ -65,14 +96,21 @@ func (b *budget) acquire(n int) {
 }
 
 // tryAcquire takes n bytes if that needs no waiting.
-func (b *budget) tryAcquire(n int) bool {
+func (b *budget) tryAcquire(n int, light bool) bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.used > 0 && b.used+n > b.limit {
+	if !b.fits(n, light) {
 		return false
 	}
 	b.used += n
 	return true
+}
+
+// holding is what the budget has given out.
+func (b *budget) holding() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.used
 }
 
 func (b *budget) release(n int) {

@@ -30,13 +30,21 @@ import (
 // TCP.
 type conn struct {
 	// immutable after newConn
-	srv    *Server
-	nc     net.Conn
-	remote net.Addr // nc's peer, which the access list is checked against
-	log    zerolog.Logger
-	budget *budget
-	sock   *sockIO       // nil when nc has no file descriptor
-	closed chan struct{} // closed when the connection is gone
+	srv     *Server
+	nc      net.Conn
+	remote  net.Addr // nc's peer, which the access list is checked against
+	log     zerolog.Logger
+	budget  *budget
+	sock    *sockIO       // nil when nc has no file descriptor
+	closed  chan struct{} // closed when the connection is gone
+	arrived int64         // Server.clock at accept
+	// heard is when the peer last sent anything during the handshake
+	// (by Server.clock), 0 before it sent anything; see oldestHandshake.
+	heard atomic.Int64
+
+	// guarded by srv.mu: handshaking until negotiation ends; displaced
+	// when a newer peer took its place at MaxClients (see accept).
+	handshaking, displaced bool
 
 	// immutable after the handshake
 	sess       *nbd.Session
@@ -91,6 +99,7 @@ func newConn(s *Server, nc net.Conn) *conn {
 		closed: make(chan struct{}),
 	}
 	c.out.c = c
+	c.arrived = s.clock()
 	if s.cfg.KillSwitch > 0 {
 		c.active = make(map[*request]time.Time)
 	}
@@ -151,11 +160,26 @@ func (c *conn) serve() {
 	c.log.Info().Msg("client disconnected")
 }
 
+// heardReader notes when the peer last sent something.
+type heardReader struct{ c *conn }
+
+func (h heardReader) Read(p []byte) (int, error) {
+	n, err := h.c.nc.Read(p)
+	if n > 0 {
+		h.c.heard.Store(h.c.srv.clock())
+	}
+	return n, err
+}
+
+// errDisplaced ends a negotiation that took too long while the server
+// was full and others were arriving.
+var errDisplaced = errors.New("displaced by a newer client while the server was full")
+
 func (c *conn) handshake() error {
 	cfg := &c.srv.cfg
 	// The handshake's messages are small: the large reader the requests
 	// use is taken once they come (see readRequest).
-	c.br = bufio.NewReaderSize(c.nc, handshakeReaderSize)
+	c.br = bufio.NewReaderSize(heardReader{c}, handshakeReaderSize)
 	_ = c.nc.SetDeadline(time.Now().Add(cfg.HandshakeTimeout))
 	if c.draining.Load() {
 		// drain ran before the deadline above replaced its own.
@@ -170,6 +194,13 @@ func (c *conn) handshake() error {
 	})
 	if err != nil {
 		return err
+	}
+	c.srv.mu.Lock()
+	displaced := c.displaced
+	c.handshaking = false
+	c.srv.mu.Unlock()
+	if displaced {
+		return errDisplaced
 	}
 	_ = c.nc.SetDeadline(time.Time{})
 	if c.draining.Load() {

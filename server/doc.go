@@ -109,6 +109,10 @@
 // its payload arrives, holding its range in the ordering gate meanwhile;
 // one cut off mid-payload stays written as far as it came, unacknowledged.
 //
+// BUG(server): Clients that never read their replies, numerous enough to
+// fill MaxMemory including the reserve kept for light users, make everyone
+// else wait for memory until WriteTimeout drops them (2 minutes by default).
+//
 // BUG(server): The export size is fixed when serving starts; RESIZE is not
 // supported, and a file that shrinks under the server makes reads past its
 // new end fail with EIO.

@@ -194,3 +194,13 @@ func (s *sockIO) readFull(p []byte) error {
 	}
 	return nil
 }
+
+// queued tells whether the peer's bytes wait unread in the socket. Unlike
+// hasData it is safe beside the connection's own reader.
+func (s *sockIO) queued() bool {
+	n := 0
+	_ = s.rc.Control(func(fd uintptr) {
+		n, _ = unix.IoctlGetInt(int(fd), unix.SIOCINQ)
+	})
+	return n > 0
+}

@@ -88,13 +88,15 @@ func (r *request) allocBuf(n int) {
 // holding some of it beyond its own connection's, so waits end as requests
 // finish.
 func (r *request) reserve(n int) {
-	if !r.c.budget.tryAcquire(n) {
+	if !r.c.budget.tryAcquire(n, true) {
 		r.c.out.flush()
-		r.c.budget.acquire(n)
+		r.c.budget.acquire(n, true)
 	}
-	if !r.c.srv.memory.tryAcquire(n) {
+	// The connection's holding now includes n.
+	light := r.c.budget.holding() <= lightHolding
+	if !r.c.srv.memory.tryAcquire(n, light) {
 		r.c.out.flush()
-		r.c.srv.memory.acquire(n)
+		r.c.srv.memory.acquire(n, light)
 	}
 	r.budgeted += n
 }

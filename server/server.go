@@ -163,7 +163,7 @@ func New(cfg Config) *Server {
 		listeners: make(map[net.Listener]struct{}),
 		conns:     make(map[*conn]struct{}),
 		start:     time.Now(),
-		memory:    newBudget(cfg.MaxMemory),
+		memory:    newServerBudget(cfg.MaxMemory),
 	}
 	s.connsDone = sync.NewCond(&s.mu)
 	s.hold.init()
@@ -284,26 +284,76 @@ func (s *Server) accept(nc net.Conn) {
 		nc.Close()
 		return
 	}
+	var displaced *conn
 	if len(s.conns) >= s.cfg.MaxClients {
-		s.mu.Unlock()
-		s.stats.Rejected.Add(1)
-		if now := time.Now().UnixNano(); now-s.fullLogged.Load() > int64(time.Second) {
-			s.fullLogged.Store(now) // one line a second under a flood
-			s.log.Warn().Int("max_clients", s.cfg.MaxClients).Str("peer", nc.RemoteAddr().String()).
-				Msg("too many clients; refusing")
+		// Peers that connect and never finish negotiating must not keep
+		// clients out: the oldest of them makes way.
+		if displaced = s.oldestHandshake(); displaced == nil {
+			s.mu.Unlock()
+			s.stats.Rejected.Add(1)
+			s.logFull(nc, "too many clients; refusing")
+			nc.Close()
+			return
 		}
-		nc.Close()
-		return
+		displaced.handshaking, displaced.displaced = false, true
+		delete(s.conns, displaced)
+		s.numConns.Add(-1)
 	}
+	c.handshaking = true
 	s.conns[c] = struct{}{}
 	s.numConns.Add(1)
 	s.mu.Unlock()
+	if displaced != nil {
+		s.stats.Rejected.Add(1)
+		s.logFull(displaced.nc, "too many clients; dropping the oldest unfinished handshake")
+		displaced.nc.Close()
+	}
 	s.monitorOnce.Do(func() { go s.monitor() })
 	select {
 	case s.monitorWake <- struct{}{}:
 	default:
 	}
 	go c.serve()
+}
+
+// oldestHandshake is the negotiating connection a full server gives up
+// first, nil if none is negotiating; s.mu is held. Peers that have sent
+// nothing at all go first, the longest connected first; then the peer
+// silent for longest. A real client sends its first bytes the moment the
+// greeting reaches it, so a flood of peers that connect and wait cannot
+// displace it. Every connection is looked at, which happens only when the
+// server is full.
+func (s *Server) oldestHandshake() *conn {
+	for range 8 {
+		var oldest *conn
+		var oldestAt int64
+		for c := range s.conns {
+			if !c.handshaking {
+				continue
+			}
+			at := c.heard.Load()
+			if at == 0 {
+				at = c.arrived - int64(1<<62) // before anyone who spoke
+			}
+			if oldest == nil || at < oldestAt {
+				oldest, oldestAt = c, at
+			}
+		}
+		// Bytes not read yet count: its goroutine may not have run.
+		if oldest == nil || oldest.heard.Load() != 0 || oldest.sock == nil || !oldest.sock.queued() {
+			return oldest
+		}
+		oldest.heard.Store(s.clock())
+	}
+	return nil
+}
+
+// logFull logs a refusal for MaxClients, one line a second under a flood.
+func (s *Server) logFull(nc net.Conn, msg string) {
+	if now := time.Now().UnixNano(); now-s.fullLogged.Load() > int64(time.Second) {
+		s.fullLogged.Store(now)
+		s.log.Warn().Int("max_clients", s.cfg.MaxClients).Str("peer", nc.RemoteAddr().String()).Msg(msg)
+	}
 }
 
 // clock is a monotonic time in nanoseconds, never 0.
