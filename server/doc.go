@@ -109,9 +109,11 @@
 // its payload arrives, holding its range in the ordering gate meanwhile;
 // one cut off mid-payload stays written as far as it came, unacknowledged.
 //
-// BUG(server): Clients that never read their replies, numerous enough to
-// fill MaxMemory including the reserve kept for light users, make everyone
-// else wait for memory until WriteTimeout drops them (2 minutes by default).
+// BUG(server): Clients that never read their replies can fill MaxMemory
+// but for the reserve kept for connections holding little; until
+// WriteTimeout drops them (2 minutes by default), requests over 256 KiB of
+// other clients wait for memory, and so does everyone once enough such
+// clients fill the reserve too.
 //
 // BUG(server): The export size is fixed when serving starts; RESIZE is not
 // supported, and a file that shrinks under the server makes reads past its
