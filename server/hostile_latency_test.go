@@ -3,7 +3,6 @@ package server_test
 import (
 	"io"
 	"net"
-	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -11,6 +10,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/flexnbd/flexnbd/internal/latency"
 	"github.com/flexnbd/flexnbd/internal/testserver"
 	"github.com/flexnbd/flexnbd/nbd"
 	"github.com/flexnbd/flexnbd/server"
@@ -18,50 +18,8 @@ import (
 
 // Each attack below is checked twice: the attacker is bounded (it holds no
 // more than its limit and is dropped when it should be), and a good client
-// keeps its latency. Latency is compared as a ratio of medians against the
-// same client measured on the same server just before the attack began, so
-// the test asserts no absolute time.
-
-const (
-	// maxSlowdown is how much slower the good client's median may be
-	// under attack. The defects these tests guard against cost seconds or
-	// hang; a busy CI machine costs a small factor.
-	maxSlowdown = 3.0
-	// latencySamples per median.
-	latencySamples = 101
-)
-
-// medianLatency runs op latencySamples times and returns the median.
-func medianLatency(t testing.TB, op func() error) time.Duration {
-	t.Helper()
-	d := make([]time.Duration, latencySamples)
-	for i := range d {
-		start := time.Now()
-		require.NoError(t, op())
-		d[i] = time.Since(start)
-	}
-	slices.Sort(d)
-	return d[len(d)/2]
-}
-
-// keepsLatency measures op under attack against its median before the
-// attack. A slow measurement is taken again, up to three times: a noisy
-// machine is slow now and then, a defect every time.
-func keepsLatency(t testing.TB, before time.Duration, op func() error) {
-	t.Helper()
-	var ratios []float64
-	for range 3 {
-		under := medianLatency(t, op)
-		ratio := float64(under) / float64(max(before, time.Microsecond))
-		if ratio <= maxSlowdown {
-			t.Logf("median %v under attack, %v before: %.2fx", under, before, ratio)
-			return
-		}
-		ratios = append(ratios, ratio)
-	}
-	t.Fatalf("the good client's median latency grew %.1fx (and %.1fx, %.1fx on retries) under attack, against %v before",
-		ratios[0], ratios[1], ratios[2], before)
-}
+// keeps its latency, compared with the same client on the same server just
+// before the attack began (see internal/latency).
 
 // readOp is a good client's 4 KiB read at off.
 func readOp(t testing.TB, c *nbd.Client, off uint64) func() error {
@@ -93,7 +51,7 @@ func TestIdleFloodKeepsLatency(t *testing.T) {
 	require.NoError(t, err)
 	t.Cleanup(func() { good.Close() })
 	op := readOp(t, good, 8192)
-	before := medianLatency(t, op)
+	before := latency.Median(t, op)
 
 	conns := make([]net.Conn, 0, idle)
 	t.Cleanup(func() {
@@ -105,7 +63,7 @@ func TestIdleFloodKeepsLatency(t *testing.T) {
 		conns = append(conns, idleClient(t, inst.Addr))
 	}
 	waitFor(t, "the idle clients", func() bool { return inst.Server.NumClients() == idle+1 })
-	keepsLatency(t, before, op)
+	latency.Keeps(t, before, op)
 	assert.Equal(t, idle+1, inst.Server.NumClients(), "idle clients are not dropped for being idle")
 }
 
@@ -174,11 +132,11 @@ func TestSlowHandshakesCannotLockOutClients(t *testing.T) {
 	require.NoError(t, err)
 	t.Cleanup(func() { served.Close() })
 	op := connectOp(t, inst.Addr)
-	before := medianLatency(t, op)
+	before := latency.Median(t, op)
 
 	opened := slowHandshakes(t, inst.Addr, limit+64)
 	waitFor(t, "the server to fill up", func() bool { return inst.Server.NumClients() == limit })
-	keepsLatency(t, before, op)
+	latency.Keeps(t, before, op)
 	assert.LessOrEqual(t, inst.Server.NumClients(), limit, "the limit holds")
 	waitFor(t, "displaced attackers to come back", func() bool { return opened() > limit+64 })
 	roundTrip(t, served, 0, 1) // never displaced
@@ -194,11 +152,11 @@ func TestNonReadingClientsKeepLatency(t *testing.T) {
 	}})
 	good := inst.Dial(t, nil)
 	op := readOp(t, good, 4096)
-	before := medianLatency(t, op)
+	before := latency.Median(t, op)
 	for range 3 {
 		floodWithoutReading(t, inst)
 	}
-	keepsLatency(t, before, op)
+	latency.Keeps(t, before, op)
 	assert.LessOrEqual(t, inst.Server.MemoryInUse(), limit)
 	assert.Equal(t, 4, inst.Server.NumClients(), "the non-readers are still there: they were not the reason")
 }
@@ -211,7 +169,7 @@ func TestStalledPayloadKeepsLatency(t *testing.T) {
 	inst := testserver.Start(t, testserver.Options{Config: server.Config{PayloadTimeout: time.Minute}})
 	good := inst.Dial(t, nil)
 	op := readOp(t, good, 0)
-	before := medianLatency(t, op)
+	before := latency.Median(t, op)
 	var attackers []*rawConn
 	for i := range 4 {
 		a := dialRaw(t, inst.Addr)
@@ -220,6 +178,6 @@ func TestStalledPayloadKeepsLatency(t *testing.T) {
 		attackers = append(attackers, a)
 	}
 	waitFor(t, "the stalled writes to be received", func() bool { return inst.Server.BufferBytesInUse() >= 4*32<<20 })
-	keepsLatency(t, before, op)
+	latency.Keeps(t, before, op)
 	assert.Len(t, attackers, inst.Server.NumClients()-1)
 }
