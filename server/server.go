@@ -32,7 +32,7 @@ type Config struct {
 	PolicyNames []string
 	// Description is sent as NBD_INFO_DESCRIPTION and in NBD_OPT_LIST.
 	Description string
-	ReadOnly   bool
+	ReadOnly    bool
 	// Oldstyle greets with the oldstyle handshake of the C flexnbd fleet;
 	// out-of-range requests then fail with ENOSPC as they do there.
 	Oldstyle bool
