@@ -46,6 +46,12 @@
 // calls fail at once, and Err reports why. A server's per-request error is
 // not such a failure: the call returns an Errno, or a *ServerError when
 // the server sent a message with it, and the connection carries on.
+//
+// # URIs
+//
+// ParseURI reads the nbd:// and nbd+unix:// URIs of doc/uri.md into the
+// network, address and export name to dial and ask for; URI.String
+// writes one. The TLS schemes are refused, since nothing here speaks TLS.
 package nbd
 
 // BUG(nbd): TLS is not implemented: STARTTLS is answered with

@@ -9,6 +9,8 @@ import (
 	"net"
 	"os"
 	"runtime/debug"
+	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -219,6 +221,11 @@ func (c *conn) handshake() error {
 
 // lookup admits a client to the one export under the session policy.
 func (c *conn) lookup(name string) (nbd.ExportInfo, error) {
+	if !c.srv.serves(name) {
+		c.log.Info().Str("export", name).Msg("client asked for an unknown export")
+		return nbd.ExportInfo{}, &nbd.OptionError{Rep: nbd.RepErrUnknown,
+			Message: "unknown export " + strconv.Quote(name) + "; this server has " + strconv.Quote(c.srv.cfg.ExportName)}
+	}
 	if p := c.srv.cfg.Sessions; p != nil {
 		if err := p.Allow(name); err != nil {
 			c.log.Info().Err(err).Str("export", name).Msg("client refused by the session policy")
@@ -228,6 +235,12 @@ func (c *conn) lookup(name string) (nbd.ExportInfo, error) {
 	c.exportName = name
 	c.admitted = true
 	return c.srv.exportInfo(), nil
+}
+
+// serves reports whether a client asking for name reaches the export.
+func (s *Server) serves(name string) bool {
+	return s.cfg.ExportName == "" || name == "" || name == s.cfg.ExportName ||
+		slices.Contains(s.cfg.PolicyNames, name)
 }
 
 func (s *Server) exportInfo() nbd.ExportInfo {
@@ -240,6 +253,7 @@ func (s *Server) exportInfo() nbd.ExportInfo {
 	}
 	return nbd.ExportInfo{
 		Name:           s.cfg.ExportName,
+		Description:    s.cfg.Description,
 		Size:           s.cfg.Backend.Size(),
 		Flags:          flags,
 		MinBlock:       1,

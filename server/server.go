@@ -20,10 +20,19 @@ import (
 // zero value of everything else is a sensible production default.
 type Config struct {
 	Backend Backend
-	// ExportName is what NBD_OPT_LIST announces. Any name a client asks
-	// for reaches the one export: C flexnbd clients send none.
+	// ExportName is what NBD_OPT_LIST and NBD_INFO_NAME announce. When
+	// it is set, a newstyle client must ask for it or for the empty name
+	// (the default export, all a C flexnbd client knows): any other name
+	// is refused with NBD_REP_ERR_UNKNOWN, so a client aimed at the wrong
+	// export fails instead of using this one. Unset, any name reaches the
+	// one export.
 	ExportName string
-	ReadOnly   bool
+	// PolicyNames are names that reach the session policy whatever
+	// ExportName says: a migration source's.
+	PolicyNames []string
+	// Description is sent as NBD_INFO_DESCRIPTION and in NBD_OPT_LIST.
+	Description string
+	ReadOnly    bool
 	// Oldstyle greets with the oldstyle handshake of the C flexnbd fleet;
 	// out-of-range requests then fail with ENOSPC as they do there.
 	Oldstyle bool

@@ -208,3 +208,36 @@ func TestExclusiveSessionReplacesThePreviousOne(t *testing.T) {
 	e := p.next(t)
 	assert.False(t, e.Disconnected)
 }
+
+// With an export name configured, a client asking for another name fails
+// with NBD_REP_ERR_UNKNOWN instead of silently using this export; the
+// empty name (the default export), the configured one and the names the
+// policy reserves still reach it.
+func TestExportNameRefusesOtherNames(t *testing.T) {
+	p := newPolicy("", false)
+	inst := testserver.Start(t, testserver.Options{Config: server.Config{
+		ExportName: "vm1", PolicyNames: []string{"reserved"}, Sessions: p,
+	}})
+	_, err := dialName(inst.Addr, "vm2")
+	var oe *nbd.OptionError
+	require.ErrorAs(t, err, &oe)
+	assert.Equal(t, nbd.RepErrUnknown, oe.Rep)
+	assert.Contains(t, oe.Message, `"vm2"`)
+
+	for _, name := range []string{"", "vm1", "reserved"} {
+		c, err := dialName(inst.Addr, name)
+		require.NoError(t, err, "export %q", name)
+		roundTrip(t, c, 0, 1)
+		c.Close()
+	}
+}
+
+// Without an export name, every name reaches the one export, as the C
+// flexnbd's clients and older scripts expect.
+func TestNoExportNameServesAnyName(t *testing.T) {
+	inst := testserver.Start(t, testserver.Options{})
+	c, err := dialName(inst.Addr, "anything")
+	require.NoError(t, err)
+	defer c.Close()
+	roundTrip(t, c, 0, 1)
+}

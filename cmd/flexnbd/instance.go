@@ -29,6 +29,9 @@ type instance struct {
 	// self is the NBD listener's address, so that a mirror aimed at this
 	// very server is refused; set before the control socket starts.
 	self net.Addr
+	// onReady, if set, runs once the NBD port and the control socket
+	// are up.
+	onReady func()
 
 	// aclMu orders access list changes, so the list in force is the one
 	// whose "updated" was sent last.

@@ -1,9 +1,6 @@
 package main
 
 import (
-	"net"
-	"strconv"
-
 	"github.com/flexnbd/flexnbd/acl"
 	"github.com/flexnbd/flexnbd/mirror"
 	"github.com/flexnbd/flexnbd/server"
@@ -11,14 +8,14 @@ import (
 
 // ListenCmd is `flexnbd listen`: the destination of a migration.
 type ListenCmd struct {
-	Addr        string   `short:"l" required:"" help:"Address to listen on."`
-	Port        uint16   `short:"p" required:"" help:"TCP port to listen on."`
 	File        string   `short:"f" required:"" help:"File or block device to receive into; it must exist and have the source's size."`
 	Sock        string   `short:"s" help:"Control socket path."`
 	DefaultDeny bool     `short:"d" name:"default-deny" help:"Refuse every client when the access list is empty."`
 	Oldstyle    bool     `help:"Greet with the oldstyle handshake: for a C flexnbd source; the first connection is taken for the source."`
 	ThenServe   bool     `name:"then-serve" help:"Once the migration completed, go on serving the file to every client instead of exiting."`
 	ACL         []string `arg:"" optional:"" name:"acl" help:"Addresses or prefixes allowed to connect (the source included)."`
+	listenFlags
+	exportFlags
 	limitFlags
 	LogFlags
 }
@@ -35,27 +32,35 @@ func (c *ListenCmd) Run() error {
 	if err := c.limitFlags.check(log); err != nil {
 		return err
 	}
+	if err := c.exportFlags.check(); err != nil {
+		return err
+	}
 	file, err := server.OpenFile(c.File, false)
 	if err != nil {
 		return err
 	}
 	defer file.Close()
-	l, err := net.Listen("tcp", net.JoinHostPort(c.Addr, strconv.Itoa(int(c.Port))))
+	l, err := c.listen()
 	if err != nil {
 		return err
 	}
 	dest := &mirror.Destination{Oldstyle: c.Oldstyle, ThenServe: c.ThenServe, Logger: log}
 	srv := server.New(server.Config{
-		Backend:    file,
-		Oldstyle:   c.Oldstyle,
-		ACL:        list,
-		Sessions:   dest,
-		MaxClients: c.MaxClients,
-		MaxMemory:  c.MaxMemory,
-		Logger:     log,
+		Backend:     file,
+		ExportName:  c.ExportName,
+		PolicyNames: []string{mirror.SourceExportName},
+		Description: c.Description,
+		Oldstyle:    c.Oldstyle,
+		ACL:         list,
+		Sessions:    dest,
+		MaxClients:  c.MaxClients,
+		MaxMemory:   c.MaxMemory,
+		Logger:      log,
 	})
 	sigs := notifyStop()
 	log.Info().Str("listen", l.Addr().String()).Str("file", c.File).Uint64("size", srv.Size()).
 		Bool("oldstyle", c.Oldstyle).Bool("then_serve", c.ThenServe).Msg("waiting for a migration")
-	return runInstance(newInstance(srv, file, c.File, dest, log), l, c.Sock, c.ThenServe, sigs)
+	inst := newInstance(srv, file, c.File, dest, log)
+	inst.onReady = func() { c.printURI(l, c.ExportName) }
+	return runInstance(inst, l, c.Sock, c.ThenServe, sigs)
 }

@@ -18,8 +18,6 @@ import (
 // ProxyCmd is `flexnbd proxy`, also run as `flexnbd-proxy`, with the C
 // flexnbd-proxy's flags.
 type ProxyCmd struct {
-	Addr      string        `short:"l" required:"" help:"Address to listen on, or the path of a Unix socket."`
-	Port      uint16        `short:"p" help:"TCP port to listen on (not with a Unix socket)."`
 	ConnAddr  string        `short:"C" name:"conn-addr" required:"" help:"Upstream server address, or the path of its Unix socket."`
 	ConnPort  uint16        `short:"P" name:"conn-port" help:"Upstream server port."`
 	Bind      string        `short:"b" help:"Local address for upstream connections."`
@@ -27,6 +25,7 @@ type ProxyCmd struct {
 	MaxOutage time.Duration `name:"max-outage" help:"Fail requests with EIO once the upstream has been unreachable this long (default: never)."`
 	Sock      string        `short:"s" help:"Control socket path (status, upstream)."`
 	Cache     int           `placeholder:"BYTES" help:"Read-ahead per client: a read of at most half of BYTES fetches twice its length and keeps the rest for the next read (--cache alone: 64 KiB; default: off)."`
+	listenFlags
 	LogFlags
 }
 
@@ -74,6 +73,8 @@ func (c *ProxyCmd) Run() error {
 		return err
 	}
 	defer ctlShutdown(ctl, log)
+	c.printURI(l, "")
+	notifyReady(log)
 	select {
 	case err := <-served:
 		return err
@@ -83,6 +84,7 @@ func (c *ProxyCmd) Run() error {
 		return err
 	case sig := <-sigs:
 		log.Info().Str("signal", sig.String()).Msg("shutting down")
+		notifyStopping(log)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
 	defer cancel()
@@ -105,19 +107,6 @@ func (c *ProxyCmd) upstream() (proxy.Upstream, error) {
 		return proxy.Upstream{}, errors.New("--conn-port is required with a TCP upstream")
 	}
 	return proxy.ParseUpstream(net.JoinHostPort(c.ConnAddr, strconv.Itoa(int(c.ConnPort))))
-}
-
-func (c *ProxyCmd) listen() (net.Listener, error) {
-	if strings.HasPrefix(c.Addr, "/") {
-		if c.Port != 0 {
-			return nil, errors.New("--port does not go with a Unix socket path")
-		}
-		return net.Listen("unix", c.Addr)
-	}
-	if c.Port == 0 {
-		return nil, errors.New("--port is required with a TCP address")
-	}
-	return net.Listen("tcp", net.JoinHostPort(c.Addr, strconv.Itoa(int(c.Port))))
 }
 
 // defaultProxyCache is the read-ahead buffer of a bare --cache: it covers

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -16,8 +17,9 @@ const maxTransfer = 1 << 30
 
 // remoteFlags select the export and range of read and write.
 type remoteFlags struct {
-	Addr string `short:"l" required:"" help:"Server address."`
-	Port uint16 `short:"p" required:"" help:"Server port."`
+	URI  string `arg:"" optional:"" name:"uri" help:"The export as an NBD URI (nbd://host[:port][/export], nbd+unix:///export?socket=PATH), in place of --addr and --port."`
+	Addr string `short:"l" help:"Server address."`
+	Port uint16 `short:"p" help:"Server port."`
 	From uint64 `short:"F" required:"" help:"Offset of the first byte."`
 	Size uint64 `short:"S" required:"" help:"Number of bytes (at most 1 GiB)."`
 	Bind string `short:"b" help:"Local address to connect from."`
@@ -37,11 +39,15 @@ func (f *remoteFlags) dial(ctx context.Context) (*nbd.Client, error) {
 		}
 		d.LocalAddr = &net.TCPAddr{IP: ip}
 	}
-	conn, err := d.DialContext(ctx, "tcp", net.JoinHostPort(f.Addr, strconv.Itoa(int(f.Port))))
+	target, err := f.target()
 	if err != nil {
 		return nil, err
 	}
-	c, err := nbd.NewClient(conn, &nbd.ClientOptions{NoBlockStatus: true})
+	conn, err := d.DialContext(ctx, target.Network, target.Address)
+	if err != nil {
+		return nil, err
+	}
+	c, err := nbd.NewClient(conn, &nbd.ClientOptions{NoBlockStatus: true, ExportName: target.ExportName})
 	if err != nil {
 		conn.Close()
 		return nil, err
@@ -51,6 +57,23 @@ func (f *remoteFlags) dial(ctx context.Context) (*nbd.Client, error) {
 		return nil, fmt.Errorf("range %d+%d is beyond the export size %d", f.From, f.Size, c.Size())
 	}
 	return c, nil
+}
+
+// target is the export the URI or --addr and --port name.
+func (f *remoteFlags) target() (nbd.URI, error) {
+	switch {
+	case f.URI != "" && (f.Addr != "" || f.Port != 0):
+		return nbd.URI{}, errors.New("give a URI or --addr and --port, not both")
+	case f.URI != "":
+		u, err := nbd.ParseURI(f.URI)
+		if err == nil && u.Network == "unix" && f.Bind != "" {
+			err = errors.New("--bind does not go with a Unix socket")
+		}
+		return u, err
+	case f.Addr == "" || f.Port == 0:
+		return nbd.URI{}, errors.New("an NBD URI, or --addr and --port, are required")
+	}
+	return nbd.URI{Network: "tcp", Address: net.JoinHostPort(f.Addr, strconv.Itoa(int(f.Port)))}, nil
 }
 
 // ReadCmd is `flexnbd read`.

@@ -7,7 +7,6 @@ import (
 	"net"
 	"os"
 	"os/signal"
-	"strconv"
 	"syscall"
 	"time"
 
@@ -21,8 +20,6 @@ import (
 
 // ServeCmd is `flexnbd serve`, with the C flexnbd's flags.
 type ServeCmd struct {
-	Addr        string   `short:"l" required:"" help:"Address to listen on."`
-	Port        uint16   `short:"p" required:"" help:"TCP port to listen on."`
 	File        string   `short:"f" required:"" help:"File or block device to serve; it must exist."`
 	Sock        string   `short:"s" help:"Control socket path."`
 	DefaultDeny bool     `short:"d" name:"default-deny" help:"Refuse every client when the access list is empty."`
@@ -30,6 +27,8 @@ type ServeCmd struct {
 	ReadOnly    bool     `name:"read-only" help:"Refuse writes."`
 	Oldstyle    bool     `help:"Greet clients with the oldstyle handshake (C flexnbd fleets)."`
 	ACL         []string `arg:"" optional:"" name:"acl" help:"Addresses or prefixes allowed to connect."`
+	listenFlags
+	exportFlags
 	limitFlags
 	LogFlags
 }
@@ -61,20 +60,26 @@ func (c *ServeCmd) Run() error {
 	if err := c.limitFlags.check(log); err != nil {
 		return err
 	}
+	if err := c.exportFlags.check(); err != nil {
+		return err
+	}
 	file, err := server.OpenFile(c.File, c.ReadOnly)
 	if err != nil {
 		return err
 	}
 	defer file.Close()
-	l, err := net.Listen("tcp", net.JoinHostPort(c.Addr, strconv.Itoa(int(c.Port))))
+	l, err := c.listen()
 	if err != nil {
 		return err
 	}
 	srv := server.New(server.Config{
-		Backend:  file,
-		ReadOnly: c.ReadOnly,
-		Oldstyle: c.Oldstyle,
-		ACL:      list,
+		Backend:     file,
+		ExportName:  c.ExportName,
+		PolicyNames: []string{mirror.SourceExportName},
+		Description: c.Description,
+		ReadOnly:    c.ReadOnly,
+		Oldstyle:    c.Oldstyle,
+		ACL:         list,
 		KillSwitch: func() time.Duration {
 			if c.KillSwitch {
 				return 120 * time.Second
@@ -91,7 +96,9 @@ func (c *ServeCmd) Run() error {
 	sigs := notifyStop()
 	log.Info().Str("listen", l.Addr().String()).Str("file", c.File).Uint64("size", srv.Size()).
 		Bool("oldstyle", c.Oldstyle).Bool("read_only", c.ReadOnly).Msg("serving")
-	return runInstance(newInstance(srv, file, c.File, nil, log), l, c.Sock, false, sigs)
+	inst := newInstance(srv, file, c.File, nil, log)
+	inst.onReady = func() { c.printURI(l, c.ExportName) }
+	return runInstance(inst, l, c.Sock, false, sigs)
 }
 
 // errStoppedMidMigration is the exit of a server stopped while it was
@@ -118,6 +125,11 @@ func runInstance(inst *instance, l net.Listener, sock string, thenServe bool, si
 		return err
 	}
 	defer ctl.Close() // removes the socket file on every way out
+	if inst.onReady != nil {
+		inst.onReady()
+	}
+	notifyReady(log)
+	defer watchStatus(inst)()
 
 	var complete <-chan struct{}
 	if inst.dest != nil {
@@ -127,6 +139,7 @@ func runInstance(inst *instance, l net.Listener, sock string, thenServe bool, si
 		select {
 		case sig := <-sigs:
 			log.Info().Str("signal", sig.String()).Msg("shutting down")
+			notifyStopping(log)
 			midMigration := inst.stopMirror() || !inst.hasControl()
 			if err := shutdown(inst, ctl, serveErr); err != nil {
 				return err
@@ -150,6 +163,7 @@ func runInstance(inst *instance, l net.Listener, sock string, thenServe bool, si
 			}
 			if !thenServe {
 				log.Info().Msg("migration received; exiting")
+				notifyStopping(log)
 				return shutdown(inst, ctl, serveErr)
 			}
 			log.Info().Msg("migration received; serving")
@@ -157,6 +171,7 @@ func runInstance(inst *instance, l net.Listener, sock string, thenServe bool, si
 			// The held requests were dropped unexecuted; everything
 			// else closes now, without a drain that could run more.
 			log.Info().Msg("export handed off; exiting")
+			notifyStopping(log)
 			srv.Close()
 			<-serveErr
 			ctlShutdown(ctl, log)

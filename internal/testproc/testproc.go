@@ -65,7 +65,15 @@ func Start(t testing.TB, ns, name string, args ...string) *Proc {
 		args = append([]string{"netns", "exec", ns, name}, args...)
 		name = "ip"
 	}
-	p := &Proc{Cmd: exec.Command(name, args...), Stdout: NewLines(), Stderr: NewLines(), done: make(chan struct{})}
+	return StartCmd(t, exec.Command(name, args...))
+}
+
+// StartCmd starts cmd, which may carry an environment and extra files,
+// and collects its output as Start does.
+func StartCmd(t testing.TB, cmd *exec.Cmd) *Proc {
+	t.Helper()
+	name, args := cmd.Path, cmd.Args[1:]
+	p := &Proc{Cmd: cmd, Stdout: NewLines(), Stderr: NewLines(), done: make(chan struct{})}
 	p.Cmd.Stdout, p.Cmd.Stderr = p.Stdout, p.Stderr
 	if err := p.Cmd.Start(); err != nil {
 		t.Fatalf("start %s: %v", name, err)
