@@ -37,7 +37,7 @@ func (f *LogFlags) logger() zerolog.Logger {
 
 // limitFlags bound what the clients of serve and listen may take.
 type limitFlags struct {
-	MaxMemory  int `name:"max-memory" default:"1073741824" placeholder:"BYTES" help:"Data buffers (write payloads, read replies) of all clients together; beyond it clients wait."`
+	MaxMemory  int `name:"max-memory" type:"size" default:"1073741824" placeholder:"SIZE" help:"Data buffers (write payloads, read replies) of all clients together; beyond it clients wait."`
 	MaxClients int `name:"max-clients" default:"4096" help:"Clients served at once; more are closed before any greeting."`
 }
 

@@ -92,6 +92,7 @@ func newParser(c *cli) (*kong.Kong, error) {
 		kong.Name("flexnbd"),
 		kong.Description("A fast NBD server that can live-migrate its export."),
 		kong.ConfigureHelp(kong.HelpOptions{Compact: true}),
+		kong.NamedMapper("size", sizeMapper{}),
 	)
 }
 

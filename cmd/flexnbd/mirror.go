@@ -23,7 +23,7 @@ type MirrorCmd struct {
 	Port     uint16 `short:"p" required:"" help:"Port of the destination."`
 	Unlink   bool   `short:"u" help:"Remove the source file once the destination acknowledged its final flush, before the hand-off."`
 	Bind     string `short:"b" help:"Local address to connect from."`
-	MaxSpeed uint64 `short:"m" name:"max-speed" placeholder:"BYTES_PER_SEC" help:"Limit what the migration sends, in bytes per second (0: no limit)."`
+	MaxSpeed uint64 `short:"m" name:"max-speed" type:"size" placeholder:"BYTES_PER_SEC" help:"Limit what the migration sends, in bytes per second, 100M for example (0: no limit)."`
 	Wait     bool   `short:"w" help:"Stay until the migration ends, showing its progress; exit 0 once the destination took over, 1 with the reason otherwise."`
 }
 

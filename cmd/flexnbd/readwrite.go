@@ -18,8 +18,8 @@ const maxTransfer = 1 << 30
 type remoteFlags struct {
 	Addr string `short:"l" required:"" help:"Server address."`
 	Port uint16 `short:"p" required:"" help:"Server port."`
-	From uint64 `short:"F" required:"" help:"Offset of the first byte."`
-	Size uint64 `short:"S" required:"" help:"Number of bytes (at most 1 GiB)."`
+	From uint64 `short:"F" type:"size" required:"" help:"Offset of the first byte."`
+	Size uint64 `short:"S" type:"size" required:"" help:"Number of bytes (at most 1 GiB)."`
 	Bind string `short:"b" help:"Local address to connect from."`
 	LogFlags
 }
