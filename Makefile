@@ -7,6 +7,9 @@ DEMO_SIZE ?= 1G
 ADDR      ?= 127.0.0.1
 PORT      ?= 10809
 GOFILES   := $(shell find . -name '*.go' -not -path './.git/*')
+# The version flexnbd --version and status report; empty without git, and
+# the binary then falls back to what the Go toolchain recorded.
+VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null)
 
 .PHONY: all build test vet fmt-check race unit fuzz soak bench bench-migrate bench-proxy serve man install clean
 
@@ -15,7 +18,7 @@ all: build
 build: $(BIN)
 
 $(BIN): $(GOFILES) go.mod go.sum
-	$(GO) build -o $(BIN) ./cmd/flexnbd
+	$(GO) build -ldflags "$(if $(VERSION),-X main.version=$(VERSION))" -o $(BIN) ./cmd/flexnbd
 
 # The whole test suite: static checks, then every test under the race
 # detector, real NBD clients (qemu, libnbd, fio) and the Linux kernel's own

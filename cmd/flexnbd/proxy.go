@@ -138,8 +138,9 @@ func (h *proxyHandler) Status() control.StatusInfo {
 		ups[i] = u.String()
 	}
 	return control.StatusInfo{
-		PID:    os.Getpid(),
-		Uptime: time.Since(h.started),
+		PID:     os.Getpid(),
+		Uptime:  time.Since(h.started),
+		Version: buildVersion(),
 		Proxy: &control.ProxyStatus{
 			InUse: st.InUse, Upstreams: ups, Clients: st.Clients, Connected: st.Connected,
 			Reconnects: st.Reconnects, Replayed: st.Replayed, Failed: st.FailedRequests, CacheHits: st.CacheHits,
