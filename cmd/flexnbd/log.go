@@ -14,7 +14,7 @@ import (
 type LogFlags struct {
 	Verbose   bool   `short:"v" help:"Log informational events too."`
 	Quiet     bool   `short:"q" help:"Log only fatal errors."`
-	LogFormat string `name:"log-format" enum:"console,json" default:"console" help:"Log as aligned text or one JSON object per line (${enum})."`
+	LogFormat string `name:"log-format" enum:"console,json,c" default:"console" help:"Log as aligned text, one JSON object per line, or the C flexnbd's lines (${enum})."`
 }
 
 func (f *LogFlags) logger() zerolog.Logger {
@@ -26,6 +26,9 @@ func (f *LogFlags) logger() zerolog.Logger {
 		level = zerolog.InfoLevel
 	}
 	zerolog.TimeFieldFormat = time.RFC3339Nano
+	if f.LogFormat == "c" {
+		return zerolog.New(newCLogWriter(os.Stderr)).Level(level).With().Caller().Logger()
+	}
 	var l zerolog.Logger
 	if f.LogFormat == "json" {
 		l = zerolog.New(os.Stderr)

@@ -1,6 +1,7 @@
 package migration
 
 import (
+	"regexp"
 	"strings"
 	"testing"
 
@@ -39,4 +40,19 @@ func TestSpeedLimitsWithUnits(t *testing.T) {
 
 	_, errOut, code = src.ctl(t, "break")
 	require.Equal(t, 0, code, errOut)
+}
+
+// Progress lines on a pipe carry the byte counts with units beside the
+// exact numbers, one word each.
+func TestMirrorWaitProgressWithUnits(t *testing.T) {
+	const size = 12 << 20
+	src := serve(t, "", "127.0.0.1", image(t, size, size, 22))
+	dst := listen(t, "", "127.0.0.1", image(t, size, 0, 0))
+	out, errOut, code := src.ctl(t, "mirror", "--addr", dst.addr, "--port", testproc.Itoa(dst.port),
+		"--max-speed", "4M", "--wait")
+	require.Equal(t, 0, code, "%s%s", out, errOut)
+	line := regexp.MustCompile(`(?m)^migration: .* done=(\d+)/12582912 .* done_human=(\S+)/12MiB speed_human=\S+/s$`)
+	m := line.FindStringSubmatch(errOut)
+	require.NotNil(t, m, "no progress line with units in:\n%s", errOut)
+	assert.Regexp(t, `^\d+(\.\d)?[KM]?i?B$`, m[2])
 }
