@@ -28,6 +28,7 @@ type cli struct {
 	Upstream    UpstreamCmd    `cmd:"" help:"Replace the upstream list of a running proxy."`
 	Help        HelpCmd        `cmd:"" help:"Show help for flexnbd or one of its modes."`
 	Version     VersionCmd     `cmd:"" help:"Print the version of flexnbd and of the Go it was built with."`
+	Completion  CompletionCmd  `cmd:"" help:"Print a shell completion script (bash or zsh)."`
 
 	VersionFlag kong.VersionFlag `name:"version" help:"Print the version and exit."`
 }
