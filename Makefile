@@ -7,15 +7,33 @@ DEMO_SIZE ?= 1G
 ADDR      ?= 127.0.0.1
 PORT      ?= 10809
 GOFILES   := $(shell find . -name '*.go' -not -path './.git/*')
+# The version flexnbd --version and status report; empty without git, and
+# the binary then falls back to what the Go toolchain recorded.
+VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null)
+# Where make install puts things, under DESTDIR; see README "Install".
+BINDIR      ?= $(PREFIX)/bin
+MANDIR      ?= $(PREFIX)/share/man
+BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
+ZSHCOMPDIR  ?= $(PREFIX)/share/zsh/site-functions
+SYSTEMDDIR  ?= $(PREFIX)/lib/systemd/system
+SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+DOCDIR      ?= $(PREFIX)/share/doc/flexnbd
+MANPAGES  := $(wildcard man/*.1)
+UNITS     := $(wildcard contrib/systemd/*.service contrib/systemd/*.socket)
+# make deb builds with nfpm at this version, outside go.mod so that the
+# module does not depend on nfpm's dependencies.
+NFPM      ?= $(GO) run github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.45.2
+DEBDIR    ?= bin
 
 .PHONY: all build test vet fmt-check race unit fuzz soak bench bench-migrate bench-proxy serve man install clean
+.PHONY: uninstall deb
 
 all: build
 
 build: $(BIN)
 
 $(BIN): $(GOFILES) go.mod go.sum
-	$(GO) build -o $(BIN) ./cmd/flexnbd
+	$(GO) build -ldflags "$(if $(VERSION),-X main.version=$(VERSION))" -o $(BIN) ./cmd/flexnbd
 
 # The whole test suite: static checks, then every test under the race
 # detector, real NBD clients (qemu, libnbd, fio) and the Linux kernel's own
@@ -73,12 +91,45 @@ man:
 	@for m in man/*.1; do man -l -Tutf8 $$m 2>/dev/null | col -b || groff -man -Tutf8 $$m; done
 
 # The proxy is the same binary under the name flexnbd-proxy, as the C
-# flexnbd ships it.
+# flexnbd ships it. Completions come from the binary itself; the systemd
+# units get ExecStart's path fixed to BINDIR.
 install: build
-	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/flexnbd
-	ln -sf flexnbd $(DESTDIR)$(PREFIX)/bin/flexnbd-proxy
-	install -D -m 0644 man/flexnbd.1 $(DESTDIR)$(PREFIX)/share/man/man1/flexnbd.1
-	install -D -m 0644 man/flexnbd-proxy.1 $(DESTDIR)$(PREFIX)/share/man/man1/flexnbd-proxy.1
+	install -D -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/flexnbd
+	ln -sf flexnbd $(DESTDIR)$(BINDIR)/flexnbd-proxy
+	install -d $(DESTDIR)$(MANDIR)/man1
+	install -m 0644 $(MANPAGES) $(DESTDIR)$(MANDIR)/man1/
+	install -d $(DESTDIR)$(BASHCOMPDIR) $(DESTDIR)$(ZSHCOMPDIR)
+	$(BIN) completion bash > $(DESTDIR)$(BASHCOMPDIR)/flexnbd
+	ln -sf flexnbd $(DESTDIR)$(BASHCOMPDIR)/flexnbd-proxy
+	$(BIN) completion zsh > $(DESTDIR)$(ZSHCOMPDIR)/_flexnbd
+	chmod 0644 $(DESTDIR)$(BASHCOMPDIR)/flexnbd $(DESTDIR)$(ZSHCOMPDIR)/_flexnbd
+	@set -e; for u in $(UNITS); do \
+		install -d $(DESTDIR)$(SYSTEMDDIR); \
+		echo "install $$u $(DESTDIR)$(SYSTEMDDIR)/"; \
+		sed 's|/usr/bin/flexnbd|$(BINDIR)/flexnbd|g' $$u > $(DESTDIR)$(SYSTEMDDIR)/$${u##*/}; \
+		chmod 0644 $(DESTDIR)$(SYSTEMDDIR)/$${u##*/}; \
+	done
+	install -D -m 0644 contrib/systemd/flexnbd.sysusers.conf $(DESTDIR)$(SYSUSERSDIR)/flexnbd.conf
+	install -D -m 0644 contrib/systemd/example.conf $(DESTDIR)$(DOCDIR)/example.conf
+
+# Removes exactly the files install put, with the same variables.
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/flexnbd $(DESTDIR)$(BINDIR)/flexnbd-proxy
+	rm -f $(addprefix $(DESTDIR)$(MANDIR)/man1/,$(notdir $(MANPAGES)))
+	rm -f $(DESTDIR)$(BASHCOMPDIR)/flexnbd $(DESTDIR)$(BASHCOMPDIR)/flexnbd-proxy $(DESTDIR)$(ZSHCOMPDIR)/_flexnbd
+	$(if $(UNITS),rm -f $(addprefix $(DESTDIR)$(SYSTEMDDIR)/,$(notdir $(UNITS))))
+	rm -f $(DESTDIR)$(SYSUSERSDIR)/flexnbd.conf $(DESTDIR)$(DOCDIR)/example.conf
+	-rmdir $(DESTDIR)$(DOCDIR) 2>/dev/null
+
+# A Debian package of what install puts under PREFIX=/usr, the binary
+# built without cgo so that it depends on no library; written to DEBDIR.
+deb:
+	rm -rf build/deb
+	CGO_ENABLED=0 $(MAKE) install BIN=build/deb-bin/flexnbd DESTDIR=$(CURDIR)/build/deb PREFIX=/usr \
+		ZSHCOMPDIR=/usr/share/zsh/vendor-completions
+	mkdir -p $(DEBDIR)
+	DEB_VERSION=$$(scripts/deb-version '$(VERSION)') DEB_ARCH=$$($(GO) env GOARCH) \
+		$(NFPM) package --config packaging/nfpm.yaml --packager deb --target $(DEBDIR)/
 
 clean:
-	rm -rf bin
+	rm -rf bin build

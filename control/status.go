@@ -32,6 +32,8 @@ type StatusInfo struct {
 	Errors              uint64
 	ConnectionsSeen     uint64
 	ConnectionsRejected uint64
+	// Version is the running binary's version, the last field when set.
+	Version string
 
 	// Proxy, when set, is a proxy's status: the line then carries pid,
 	// these fields and uptime instead of a server's.
@@ -89,7 +91,7 @@ func (s StatusInfo) Fields() []Field {
 		if inUse == "" {
 			inUse = "none"
 		}
-		return []Field{
+		return s.withVersion([]Field{
 			{"pid", strconv.Itoa(s.PID)},
 			{"upstream", inUse},
 			{"upstreams", strings.Join(p.Upstreams, ",")},
@@ -101,7 +103,7 @@ func (s StatusInfo) Fields() []Field {
 			{"cache_hits", u(p.CacheHits)},
 			{"longest_outage_ms", u(uint64(p.LongestOutage / time.Millisecond))},
 			{"uptime", u(uint64(s.Uptime / time.Second))},
-		}
+		})
 	}
 	f := []Field{
 		{"pid", strconv.Itoa(s.PID)},
@@ -132,7 +134,7 @@ func (s StatusInfo) Fields() []Field {
 	if s.LastFreeze > 0 {
 		f = append(f, Field{"migration_last_freeze_ms", u(uint64(s.LastFreeze / time.Millisecond))})
 	}
-	return append(f,
+	return s.withVersion(append(f,
 		Field{"uptime", u(uint64(s.Uptime / time.Second))},
 		Field{"bytes_read", u(s.BytesRead)},
 		Field{"bytes_written", u(s.BytesWritten)},
@@ -140,7 +142,16 @@ func (s StatusInfo) Fields() []Field {
 		Field{"errors", u(s.Errors)},
 		Field{"connections_seen", u(s.ConnectionsSeen)},
 		Field{"connections_rejected", u(s.ConnectionsRejected)},
-	)
+	))
+}
+
+// withVersion ends f with the version, when there is one: last, so that
+// parsers of the C flexnbd's fields, which come first, are not disturbed.
+func (s StatusInfo) withVersion(f []Field) []Field {
+	if s.Version == "" {
+		return f
+	}
+	return append(f, Field{"version", s.Version})
 }
 
 // FormatFields renders fields as the status message: each key=value
@@ -178,7 +189,8 @@ var jsonNumber = regexp.MustCompile(`^-?(0|[1-9][0-9]*)(\.[0-9]+)?$`)
 // same order. Values are typed by their text, which works for any server's
 // status line, this one's or the C flexnbd's: true and false become
 // booleans, decimal numbers become numbers (exact, however large), and
-// anything else stays a string.
+// anything else stays a string. The version is always a string, even when
+// it looks like a number (1.0).
 func FieldsJSON(fields []Field) []byte {
 	out := []byte{'{'}
 	for i, f := range fields {
@@ -189,6 +201,9 @@ func FieldsJSON(fields []Field) []byte {
 		out = append(out, key...)
 		out = append(out, ':')
 		switch {
+		case f.Key == "version":
+			val, _ := json.Marshal(f.Value)
+			out = append(out, val...)
 		case f.Value == "true" || f.Value == "false" || jsonNumber.MatchString(f.Value):
 			out = append(out, f.Value...)
 		default:

@@ -153,3 +153,19 @@ func TestProxyStatus(t *testing.T) {
 	st.Proxy = &control.ProxyStatus{Upstreams: []string{"/run/nbd.sock"}}
 	require.Contains(t, control.FormatFields(st.Fields()), "upstream=none upstreams=/run/nbd.sock ")
 }
+
+// The version comes last, after the C fields and this implementation's,
+// for a server and a proxy alike, and stays a string in JSON even when it
+// looks like a number.
+func TestStatusVersion(t *testing.T) {
+	server := control.StatusInfo{PID: 3, Size: 512, Version: "1.0"}
+	fields := server.Fields()
+	require.Equal(t, control.Field{Key: "version", Value: "1.0"}, fields[len(fields)-1])
+	require.True(t, strings.HasSuffix(string(control.FieldsJSON(fields)), `"connections_rejected":0,"version":"1.0"}`))
+
+	proxy := control.StatusInfo{PID: 3, Version: "v2.1.0-3-gabc", Proxy: &control.ProxyStatus{}}
+	require.True(t, strings.HasSuffix(control.FormatFields(proxy.Fields()), " uptime=0 version=v2.1.0-3-gabc "))
+
+	server.Version = ""
+	require.NotContains(t, control.FormatFields(server.Fields()), "version")
+}

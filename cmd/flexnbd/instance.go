@@ -72,6 +72,7 @@ func (h *instance) Status() control.StatusInfo {
 		Errors:              st.Errors,
 		ConnectionsSeen:     st.ConnectionsSeen,
 		ConnectionsRejected: st.Rejected,
+		Version:             buildVersion(),
 	}
 	h.mu.Lock()
 	m := h.mirror

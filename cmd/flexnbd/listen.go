@@ -1,6 +1,8 @@
 package main
 
 import (
+	"github.com/dustin/go-humanize"
+
 	"github.com/flexnbd/flexnbd/acl"
 	"github.com/flexnbd/flexnbd/mirror"
 	"github.com/flexnbd/flexnbd/server"
@@ -59,6 +61,7 @@ func (c *ListenCmd) Run() error {
 	})
 	sigs := notifyStop()
 	log.Info().Str("listen", l.Addr().String()).Str("file", c.File).Uint64("size", srv.Size()).
+		Str("size_human", humanize.IBytes(srv.Size())).
 		Bool("oldstyle", c.Oldstyle).Bool("then_serve", c.ThenServe).Msg("waiting for a migration")
 	inst := newInstance(srv, file, c.File, dest, log)
 	inst.onReady = func() { c.printURI(l, c.ExportName) }

@@ -14,7 +14,7 @@ import (
 type LogFlags struct {
 	Verbose   bool   `short:"v" help:"Log informational events too."`
 	Quiet     bool   `short:"q" help:"Log only fatal errors."`
-	LogFormat string `name:"log-format" enum:"console,json" default:"console" help:"Log as aligned text or one JSON object per line (${enum})."`
+	LogFormat string `name:"log-format" enum:"console,json,c" default:"console" help:"Log as aligned text, one JSON object per line, or the C flexnbd's lines (${enum})."`
 }
 
 func (f *LogFlags) logger() zerolog.Logger {
@@ -26,6 +26,9 @@ func (f *LogFlags) logger() zerolog.Logger {
 		level = zerolog.InfoLevel
 	}
 	zerolog.TimeFieldFormat = time.RFC3339Nano
+	if f.LogFormat == "c" {
+		return zerolog.New(newCLogWriter(os.Stderr)).Level(level).With().Caller().Logger()
+	}
 	var l zerolog.Logger
 	if f.LogFormat == "json" {
 		l = zerolog.New(os.Stderr)
@@ -37,7 +40,7 @@ func (f *LogFlags) logger() zerolog.Logger {
 
 // limitFlags bound what the clients of serve and listen may take.
 type limitFlags struct {
-	MaxMemory  int `name:"max-memory" default:"1073741824" placeholder:"BYTES" help:"Data buffers (write payloads, read replies) of all clients together; beyond it clients wait."`
+	MaxMemory  int `name:"max-memory" type:"size" default:"1073741824" placeholder:"SIZE" help:"Data buffers (write payloads, read replies) of all clients together; beyond it clients wait."`
 	MaxClients int `name:"max-clients" default:"4096" help:"Clients served at once; more are closed before any greeting."`
 }
 

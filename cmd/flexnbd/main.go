@@ -27,6 +27,10 @@ type cli struct {
 	Proxy       ProxyCmd       `cmd:"" help:"Forward NBD clients to a server, reconnecting and replaying across its restarts."`
 	Upstream    UpstreamCmd    `cmd:"" help:"Replace the upstream list of a running proxy."`
 	Help        HelpCmd        `cmd:"" help:"Show help for flexnbd or one of its modes."`
+	Version     VersionCmd     `cmd:"" help:"Print the version of flexnbd and of the Go it was built with."`
+	Completion  CompletionCmd  `cmd:"" help:"Print a shell completion script (bash or zsh)."`
+
+	VersionFlag kong.VersionFlag `name:"version" help:"Print the version and exit."`
 }
 
 // exitError carries an exit status other than 1.
@@ -92,6 +96,8 @@ func newParser(c *cli) (*kong.Kong, error) {
 		kong.Name("flexnbd"),
 		kong.Description("A fast NBD server that can live-migrate its export."),
 		kong.ConfigureHelp(kong.HelpOptions{Compact: true}),
+		kong.Vars{"version": versionLine()},
+		kong.NamedMapper("size", sizeMapper{}),
 	)
 }
 

@@ -7,8 +7,10 @@ import (
 	"net"
 	"os"
 	"strconv"
+	"strings"
 	"time"
 
+	"github.com/dustin/go-humanize"
 	"github.com/schollz/progressbar/v3"
 	"golang.org/x/term"
 
@@ -23,7 +25,7 @@ type MirrorCmd struct {
 	Port     uint16 `short:"p" required:"" help:"Port of the destination."`
 	Unlink   bool   `short:"u" help:"Remove the source file once the destination acknowledged its final flush, before the hand-off."`
 	Bind     string `short:"b" help:"Local address to connect from."`
-	MaxSpeed uint64 `short:"m" name:"max-speed" placeholder:"BYTES_PER_SEC" help:"Limit what the migration sends, in bytes per second (0: no limit)."`
+	MaxSpeed uint64 `short:"m" name:"max-speed" type:"size" placeholder:"BYTES_PER_SEC" help:"Limit what the migration sends, in bytes per second, 100M for example (0: no limit)."`
 	Wait     bool   `short:"w" help:"Stay until the migration ends, showing its progress; exit 0 once the destination took over, 1 with the reason otherwise."`
 }
 
@@ -162,7 +164,7 @@ func (b *bar) show(st map[string]string) {
 		)
 	}
 	b.bar.Describe(fmt.Sprintf("pass %s %s, %s/s, ETA %ss", st["migration_pass"], st["migration_mode"],
-		iec(num(st, "migration_speed")), st["migration_seconds_left"]))
+		humanize.IBytes(uint64(num(st, "migration_speed"))), st["migration_seconds_left"]))
 	_ = b.bar.Set64(max(size-num(st, "migration_bytes_left"), 0))
 }
 
@@ -188,23 +190,17 @@ func (l *progressLines) show(st map[string]string) {
 	}
 	l.last = time.Now()
 	size := num(st, "size")
-	fmt.Fprintf(l.w, "migration: pass=%s mode=%s done=%d/%d speed=%d eta=%ss attempts=%s\n",
-		st["migration_pass"], st["migration_mode"], max(size-num(st, "migration_bytes_left"), 0), size,
-		num(st, "migration_speed"), st["migration_seconds_left"], st["migration_attempts"])
+	done := max(size-num(st, "migration_bytes_left"), 0)
+	speed := num(st, "migration_speed")
+	fmt.Fprintf(l.w, "migration: pass=%s mode=%s done=%d/%d speed=%d eta=%ss attempts=%s done_human=%s/%s speed_human=%s/s\n",
+		st["migration_pass"], st["migration_mode"], done, size, speed, st["migration_seconds_left"], st["migration_attempts"],
+		oneWord(done), oneWord(size), oneWord(speed))
 }
 
 func (l *progressLines) done() {}
 
-// iec formats a byte count with binary units.
-func iec(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return strconv.FormatInt(n, 10) + " B"
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+// oneWord writes a byte count with binary units and no space (1.5GiB),
+// so that each key=value of a progress line stays one word.
+func oneWord(n int64) string {
+	return strings.ReplaceAll(humanize.IBytes(uint64(max(n, 0))), " ", "")
 }

@@ -24,7 +24,7 @@ type ProxyCmd struct {
 	Oldstyle  bool          `help:"Greet clients with the oldstyle handshake (C flexnbd fleets)."`
 	MaxOutage time.Duration `name:"max-outage" help:"Fail requests with EIO once the upstream has been unreachable this long (default: never)."`
 	Sock      string        `short:"s" help:"Control socket path (status, upstream)."`
-	Cache     int           `placeholder:"BYTES" help:"Read-ahead per client: a read of at most half of BYTES fetches twice its length and keeps the rest for the next read (--cache alone: 64 KiB; default: off)."`
+	Cache     int           `type:"size" placeholder:"SIZE" help:"Read-ahead per client: a read of at most half of SIZE fetches twice its length and keeps the rest for the next read (--cache alone: 64 KiB; default: off)."`
 	listenFlags
 	LogFlags
 }
@@ -127,8 +127,9 @@ func (h *proxyHandler) Status() control.StatusInfo {
 		ups[i] = u.String()
 	}
 	return control.StatusInfo{
-		PID:    os.Getpid(),
-		Uptime: time.Since(h.started),
+		PID:     os.Getpid(),
+		Uptime:  time.Since(h.started),
+		Version: buildVersion(),
 		Proxy: &control.ProxyStatus{
 			InUse: st.InUse, Upstreams: ups, Clients: st.Clients, Connected: st.Connected,
 			Reconnects: st.Reconnects, Replayed: st.Replayed, Failed: st.FailedRequests, CacheHits: st.CacheHits,

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strconv"
 
 	"github.com/flexnbd/flexnbd/control"
 )
@@ -89,14 +90,18 @@ func (c *BreakCmd) Run() error {
 // MirrorSpeedCmd is `flexnbd mirror-speed`.
 type MirrorSpeedCmd struct {
 	controlFlags
-	// A string, so that the server judges the value and words the error
-	// as the C flexnbd does.
-	MaxSpeed string `short:"m" name:"max-speed" required:"" placeholder:"BYTES_PER_SEC" help:"New speed limit of the running migration, in bytes per second."`
+	// A string, so that the server judges what is not a size and words
+	// the error as the C flexnbd does.
+	MaxSpeed string `short:"m" name:"max-speed" required:"" placeholder:"BYTES_PER_SEC" help:"New speed limit of the running migration, in bytes per second, 100M for example."`
 }
 
 // Run changes the running migration's speed limit.
 func (c *MirrorSpeedCmd) Run() error {
-	r, err := c.do(control.CmdMirrorMaxBps, c.MaxSpeed)
+	speed := c.MaxSpeed
+	if n, err := parseSize(speed); err == nil {
+		speed = strconv.FormatUint(n, 10)
+	}
+	r, err := c.do(control.CmdMirrorMaxBps, speed)
 	if err != nil {
 		return err
 	}

@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/dustin/go-humanize"
 	"github.com/rs/zerolog"
 
 	"github.com/flexnbd/flexnbd/acl"
@@ -95,6 +96,7 @@ func (c *ServeCmd) Run() error {
 	// stops the server once it reads that line must get a clean stop.
 	sigs := notifyStop()
 	log.Info().Str("listen", l.Addr().String()).Str("file", c.File).Uint64("size", srv.Size()).
+		Str("size_human", humanize.IBytes(srv.Size())).
 		Bool("oldstyle", c.Oldstyle).Bool("read_only", c.ReadOnly).Msg("serving")
 	inst := newInstance(srv, file, c.File, nil, log)
 	inst.onReady = func() { c.printURI(l, c.ExportName) }

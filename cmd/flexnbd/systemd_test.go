@@ -25,8 +25,8 @@ func unitCopy(t *testing.T) string {
 		require.NoError(t, err)
 		s := string(b)
 		if strings.HasSuffix(name, ".service") {
-			require.Contains(t, s, "ExecStart=/usr/local/bin/flexnbd serve ")
-			s = strings.ReplaceAll(s, "/usr/local/bin/flexnbd", flexnbdBin)
+			require.Contains(t, s, "ExecStart=/usr/bin/flexnbd serve ")
+			s = strings.ReplaceAll(s, "/usr/bin/flexnbd", flexnbdBin)
 		}
 		require.NoError(t, os.WriteFile(filepath.Join(dir, name), []byte(s), 0o644))
 	}

@@ -363,7 +363,7 @@ func TestProxyControlSocket(t *testing.T) {
 	out, errOut, code := testproc.Run(t, nil, bin, "status", "--sock", sock)
 	require.Zero(t, code, errOut)
 	assert.Regexp(t, `^pid=\d+ upstream=none upstreams=`+b.addr()+` clients=0 connected=0 reconnects=0 replayed=0 `+
-		`failed_requests=0 cache_hits=0 longest_outage_ms=0 uptime=\d+ \n$`, out)
+		`failed_requests=0 cache_hits=0 longest_outage_ms=0 uptime=\d+ version=\S+ \n$`, out)
 
 	_, errOut, code = testproc.Run(t, nil, bin, "upstream", "--sock", sock, "127.0.0.1:1", "bogus")
 	assert.Equal(t, 1, code)
