@@ -20,6 +20,7 @@ type ListenCmd struct {
 	ThenServe   bool     `name:"then-serve" help:"Once the migration completed, go on serving the file to every client instead of exiting."`
 	ACL         []string `arg:"" optional:"" name:"acl" help:"Addresses or prefixes allowed to connect (the source included)."`
 	limitFlags
+	metricsFlags
 	LogFlags
 }
 
@@ -52,10 +53,17 @@ func (c *ListenCmd) Run() error {
 		Sessions:   dest,
 		MaxClients: c.MaxClients,
 		MaxMemory:  c.MaxMemory,
+		Metrics:    c.serverMetrics(),
 		Logger:     log,
 	})
+	inst := newInstance(srv, file, c.File, dest, log)
+	stopMetrics, err := c.serveInstance(inst)
+	if err != nil {
+		return err
+	}
+	defer stopMetrics()
 	sigs := notifyStop()
 	log.Info().Str("listen", l.Addr().String()).Str("file", c.File).Uint64("size", srv.Size()).
-		Bool("oldstyle", c.Oldstyle).Bool("then_serve", c.ThenServe).Msg("waiting for a migration")
-	return runInstance(newInstance(srv, file, c.File, dest, log), l, c.Sock, c.ThenServe, sigs)
+		Bool("oldstyle", c.Oldstyle).Bool("then_serve", c.ThenServe).Func(c.logField).Msg("waiting for a migration")
+	return runInstance(inst, l, c.Sock, c.ThenServe, sigs)
 }

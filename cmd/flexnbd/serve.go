@@ -31,6 +31,7 @@ type ServeCmd struct {
 	Oldstyle    bool     `help:"Greet clients with the oldstyle handshake (C flexnbd fleets)."`
 	ACL         []string `arg:"" optional:"" name:"acl" help:"Addresses or prefixes allowed to connect."`
 	limitFlags
+	metricsFlags
 	LogFlags
 }
 
@@ -84,14 +85,21 @@ func (c *ServeCmd) Run() error {
 		Sessions:   mirror.Source{},
 		MaxClients: c.MaxClients,
 		MaxMemory:  c.MaxMemory,
+		Metrics:    c.serverMetrics(),
 		Logger:     log,
 	})
+	inst := newInstance(srv, file, c.File, nil, log)
+	stopMetrics, err := c.serveInstance(inst)
+	if err != nil {
+		return err
+	}
+	defer stopMetrics()
 	// Signals are caught before "serving" is logged: a script that
 	// stops the server once it reads that line must get a clean stop.
 	sigs := notifyStop()
 	log.Info().Str("listen", l.Addr().String()).Str("file", c.File).Uint64("size", srv.Size()).
-		Bool("oldstyle", c.Oldstyle).Bool("read_only", c.ReadOnly).Msg("serving")
-	return runInstance(newInstance(srv, file, c.File, nil, log), l, c.Sock, false, sigs)
+		Bool("oldstyle", c.Oldstyle).Bool("read_only", c.ReadOnly).Func(c.logField).Msg("serving")
+	return runInstance(inst, l, c.Sock, false, sigs)
 }
 
 // errStoppedMidMigration is the exit of a server stopped while it was
