@@ -113,7 +113,8 @@ func TestMigrationFiguresOnTheSource(t *testing.T) {
 	sock := filepath.Join(t.TempDir(), "src.sock")
 	src := start(t, "serving", "serve", "--addr", "127.0.0.1", "--port", "0", "--file", srcFile, "--sock", sock,
 		"--metrics", "127.0.0.1:0")
-	dst := start(t, "waiting for a migration", "listen", "--addr", "127.0.0.1", "--port", "0", "--file", image(t, size))
+	dst := start(t, "waiting for a migration", "listen", "--addr", "127.0.0.1", "--port", "0", "--file", image(t, size),
+		"--metrics", "127.0.0.1:0")
 	addr := src.field(t, "metrics")
 	assert.Zero(t, value(t, scrape(t, addr), "flexnbd_migration_active"))
 
@@ -146,6 +147,9 @@ func TestMigrationFiguresOnTheSource(t *testing.T) {
 	assert.Zero(t, value(t, fams, "flexnbd_migration_active"))
 	assert.Zero(t, value(t, fams, "flexnbd_migration_mode", "mode", "copy"))
 	assert.GreaterOrEqual(t, value(t, fams, "flexnbd_migration_sent_bytes"), sent)
+	// The destination counted every write it acknowledged to the source.
+	assert.GreaterOrEqual(t, value(t, scrape(t, dst.field(t, "metrics")), "flexnbd_request_bytes_total",
+		"command", "write"), sent)
 
 	src.Signal(t, syscall.SIGTERM)
 	assert.Equal(t, 0, src.Wait(t), src.Stderr.Text())
