@@ -120,6 +120,11 @@
 // its payload arrives, holding its range in the ordering gate meanwhile;
 // one cut off mid-payload stays written as far as it came, unacknowledged.
 //
+// BUG(server): Metrics count a request when its reply is handed to the
+// reply writer: a reply lost with its connection is still counted, and a
+// request dropped unexecuted (its payload cut off, or held at a hand-off
+// and dropped) is not counted at all.
+//
 // BUG(server): The export size is fixed when serving starts; RESIZE is not
 // supported, and a file that shrinks under the server makes reads past its
 // new end fail with EIO.
