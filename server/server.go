@@ -73,10 +73,11 @@ type Config struct {
 	// Sessions, if set, decides who may use the export and hears how
 	// sessions end (a migration destination); nil admits everyone.
 	Sessions SessionPolicy
+	Logger   zerolog.Logger
+
 	// Metrics, if set, counts requests by command and error code, their
 	// latencies and the waits in the ordering gate.
 	Metrics *Metrics
-	Logger  zerolog.Logger
 }
 
 // ErrServerClosed is returned by Serve after Shutdown or Close.
