@@ -64,6 +64,7 @@ type conn struct {
 	// order, and serve reads them after every reader has finished)
 	received uint64  // requests decoded, DISC excluded
 	lastCmd  nbd.Cmd // the last of them
+	reqStart int64   // when the last header was read, if timed
 	gotDisc  bool
 	// flushedSeq is the sequence number (1-based, in arrival order) of
 	// the latest FLUSH that succeeded.
@@ -422,6 +423,9 @@ func (c *conn) readRequest() (*request, error) {
 	if req.Type == nbd.CmdDisc {
 		return nil, errDisconnect
 	}
+	if c.srv.cfg.Metrics != nil {
+		c.reqStart = c.srv.clock()
+	}
 	if !c.srv.enter() {
 		return nil, errDropped
 	}
@@ -483,6 +487,7 @@ func (c *conn) releaseReader() {
 // EBADMSG and whatever stands where the cookie would be.
 func (c *conn) badMagic(hdr *[nbd.RequestHeaderSize]byte) {
 	r := newRequest(c, nbd.Request{Cookie: binary.BigEndian.Uint64(hdr[8:16])})
+	r.start = 0 // not a request: nothing to count
 	r.setError(nbd.EBADMSG, "bad request magic")
 	c.out.send(r)
 }
@@ -613,6 +618,7 @@ func (c *conn) execute(r *request, nowait bool) (done bool) {
 		}
 	}()
 	if r.span != nil {
+		c.srv.noteGateWait(r.span)
 		r.span.wait()
 	}
 	var err error
@@ -660,6 +666,7 @@ func (c *conn) streamWrite(req nbd.Request) error {
 	r.reserve(piece)
 	r.allocBuf(piece)
 	sp := c.srv.gate.register(req.Offset, end, true)
+	c.srv.noteGateWait(sp)
 	sp.wait()
 	var werr, rerr error
 	for off := req.Offset; off < end; {

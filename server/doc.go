@@ -76,6 +76,17 @@
 // nothing for them, unless the client sets DF; BLOCK_STATUS reports
 // base:allocation from SEEK_DATA and SEEK_HOLE.
 //
+// # Metrics
+//
+// With Config.Metrics set, the server counts every answered request by
+// command (requests, bytes of the successful ones, a latency histogram
+// from reading the header to handing the reply to the socket), error
+// replies by code, and requests that waited in the ordering gate. The
+// counters are atomics bumped without locks or allocations, one clock
+// read per request and one per batch of replies; an exporter reads them
+// whenever it likes. The package itself exports nothing to any
+// monitoring system.
+//
 // # Errors
 //
 // A request that fails gets an error reply and the connection carries on:
@@ -114,6 +125,11 @@
 // WriteTimeout drops them (2 minutes by default), requests over 256 KiB of
 // other clients wait for memory, and so does everyone once enough such
 // clients fill the reserve too.
+//
+// BUG(server): Metrics count a request when its reply is handed to the
+// reply writer: a reply lost with its connection is still counted, and a
+// request dropped unexecuted (its payload cut off, or held at a hand-off
+// and dropped) is not counted at all.
 //
 // BUG(server): The export size is fixed when serving starts; RESIZE is not
 // supported, and a file that shrinks under the server makes reads past its

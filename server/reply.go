@@ -20,6 +20,10 @@ type request struct {
 	// demoted is set (under conn.promoteMu) when the reader running this
 	// write handed reading over to another goroutine.
 	demoted bool
+	// start is when the request's header was read (by Server.clock), 0
+	// when it is not timed; errno is the error its reply carries.
+	start int64
+	errno nbd.Errno
 
 	// The reply: headers are encoded into hdr, and segs list what to send
 	// in order, as ranges of hdr or buf (hdr may grow while it is built).
@@ -57,6 +61,7 @@ func newRequest(c *conn, req nbd.Request) *request {
 	r := requestPool.Get().(*request)
 	r.c = c
 	r.Request = req
+	r.start, r.errno = c.reqStart, 0
 	return r
 }
 
@@ -140,6 +145,7 @@ func (r *request) setOK() {
 // connections get an error chunk carrying msg (a READ must); others a
 // simple reply.
 func (r *request) setError(errno nbd.Errno, msg string) {
+	r.errno = errno
 	if r.c.sess != nil && r.c.sess.Structured {
 		r.hdr = nbd.AppendErrorChunk(r.hdr[:0], nbd.ReplyFlagDone, r.Cookie, errno, msg)
 	} else {
@@ -215,6 +221,9 @@ func (w *replyWriter) writeQueued() {
 		w.queue = w.spare[:0]
 		w.held = 0
 		w.mu.Unlock()
+		if m := w.c.srv.cfg.Metrics; m != nil {
+			observe(m, batch, w.c.srv.clock())
+		}
 		w.write(batch)
 		for i, r := range batch {
 			r.free()
@@ -225,6 +234,16 @@ func (w *replyWriter) writeQueued() {
 	}
 	w.busy = false
 	w.mu.Unlock()
+}
+
+// observe counts the replies about to be written, before the client can
+// see them: whoever scrapes after a reply arrived finds it counted.
+func observe(m *Metrics, batch []*request, now int64) {
+	for _, r := range batch {
+		if r.start != 0 {
+			m.observe(r.Type, r.Length, r.errno, time.Duration(now-r.start))
+		}
+	}
 }
 
 func (w *replyWriter) write(batch []*request) {

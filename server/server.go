@@ -83,6 +83,10 @@ type Config struct {
 	// sessions end (a migration destination); nil admits everyone.
 	Sessions SessionPolicy
 	Logger   zerolog.Logger
+
+	// Metrics, if set, counts requests by command and error code, their
+	// latencies and the waits in the ordering gate.
+	Metrics *Metrics
 }
 
 // ErrServerClosed is returned by Serve after Shutdown or Close.

@@ -19,6 +19,7 @@ type ListenCmd struct {
 	listenFlags
 	exportFlags
 	limitFlags
+	metricsFlags
 	LogFlags
 }
 
@@ -57,13 +58,19 @@ func (c *ListenCmd) Run() error {
 		Sessions:    dest,
 		MaxClients:  c.MaxClients,
 		MaxMemory:   c.MaxMemory,
+		Metrics:     c.serverMetrics(),
 		Logger:      log,
 	})
+	inst := newInstance(srv, file, c.File, dest, log)
+	inst.onReady = func() { c.printURI(l, c.ExportName) }
+	stopMetrics, err := c.serveInstance(inst)
+	if err != nil {
+		return err
+	}
+	defer stopMetrics()
 	sigs := notifyStop()
 	log.Info().Str("listen", l.Addr().String()).Str("file", c.File).Uint64("size", srv.Size()).
 		Str("size_human", humanize.IBytes(srv.Size())).
-		Bool("oldstyle", c.Oldstyle).Bool("then_serve", c.ThenServe).Msg("waiting for a migration")
-	inst := newInstance(srv, file, c.File, dest, log)
-	inst.onReady = func() { c.printURI(l, c.ExportName) }
+		Bool("oldstyle", c.Oldstyle).Bool("then_serve", c.ThenServe).Func(c.logField).Msg("waiting for a migration")
 	return runInstance(inst, l, c.Sock, c.ThenServe, sigs)
 }

@@ -26,6 +26,7 @@ type ProxyCmd struct {
 	Sock      string        `short:"s" help:"Control socket path (status, upstream)."`
 	Cache     int           `type:"size" placeholder:"SIZE" help:"Read-ahead per client: a read of at most half of SIZE fetches twice its length and keeps the rest for the next read (--cache alone: 64 KiB; default: off)."`
 	listenFlags
+	metricsFlags
 	LogFlags
 }
 
@@ -58,10 +59,16 @@ func (c *ProxyCmd) Run() error {
 	if err != nil {
 		return err
 	}
+	stopMetrics, err := c.serveProxy(p, log)
+	if err != nil {
+		l.Close()
+		return err
+	}
+	defer stopMetrics()
 	sigs := notifyStop()
 	defer signal.Stop(sigs)
 	log.Info().Str("listen", l.Addr().String()).Str("upstream", up.String()).Bool("oldstyle", c.Oldstyle).
-		Msg("proxying")
+		Func(c.logField).Msg("proxying")
 
 	served := make(chan error, 1)
 	go func() { served <- p.Serve(l) }()

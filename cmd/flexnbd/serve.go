@@ -31,6 +31,7 @@ type ServeCmd struct {
 	listenFlags
 	exportFlags
 	limitFlags
+	metricsFlags
 	LogFlags
 }
 
@@ -90,16 +91,22 @@ func (c *ServeCmd) Run() error {
 		Sessions:   mirror.Source{},
 		MaxClients: c.MaxClients,
 		MaxMemory:  c.MaxMemory,
+		Metrics:    c.serverMetrics(),
 		Logger:     log,
 	})
+	inst := newInstance(srv, file, c.File, nil, log)
+	inst.onReady = func() { c.printURI(l, c.ExportName) }
+	stopMetrics, err := c.serveInstance(inst)
+	if err != nil {
+		return err
+	}
+	defer stopMetrics()
 	// Signals are caught before "serving" is logged: a script that
 	// stops the server once it reads that line must get a clean stop.
 	sigs := notifyStop()
 	log.Info().Str("listen", l.Addr().String()).Str("file", c.File).Uint64("size", srv.Size()).
 		Str("size_human", humanize.IBytes(srv.Size())).
-		Bool("oldstyle", c.Oldstyle).Bool("read_only", c.ReadOnly).Msg("serving")
-	inst := newInstance(srv, file, c.File, nil, log)
-	inst.onReady = func() { c.printURI(l, c.ExportName) }
+		Bool("oldstyle", c.Oldstyle).Bool("read_only", c.ReadOnly).Func(c.logField).Msg("serving")
 	return runInstance(inst, l, c.Sock, false, sigs)
 }
 
