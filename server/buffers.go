@@ -3,6 +3,7 @@ package server
 import (
 	"math/bits"
 	"sync"
+	"sync/atomic"
 )
 
 // Data buffers come from power-of-two size classes between 4 KiB and the
@@ -48,15 +49,20 @@ func putBuf(p *[]byte) {
 // client holding little still gets its next small request at once. (Many
 // such clients are dropped by WriteTimeout; see doc.go.)
 type budget struct {
+	used    atomic.Int64
+	limit   int64
+	reserve int64 // of limit, for light holders only
+
+	// Waiting goes through mu and cond; taking and returning bytes
+	// without waiting are atomic, so connections do not contend on the
+	// server's budget for every request.
 	mu      sync.Mutex
 	cond    sync.Cond
-	used    int
-	limit   int
-	reserve int // of limit, for light holders only
+	waiters atomic.Int32
 }
 
 func newBudget(limit int) *budget {
-	b := &budget{limit: limit}
+	b := &budget{limit: int64(limit)}
 	b.cond.L = &b.mu
 	return b
 }
@@ -64,7 +70,7 @@ func newBudget(limit int) *budget {
 // newServerBudget is a budget with a reserve for light holders.
 func newServerBudget(limit int) *budget {
 	b := newBudget(limit)
-	b.reserve = limit / reserveShare
+	b.reserve = int64(limit / reserveShare)
 	return b
 }
 
@@ -76,49 +82,50 @@ const (
 	lightHolding = 256 << 10
 )
 
-// fits tells whether n more bytes may be taken now by a light holder or
-// not; b.mu is held.
-func (b *budget) fits(n int, light bool) bool {
+// tryAcquire takes n bytes if that needs no waiting: for a light holder
+// up to the limit, for others up to the reserve.
+func (b *budget) tryAcquire(n int, light bool) bool {
 	ceiling := b.limit
 	if !light {
 		ceiling -= b.reserve
 	}
-	return b.used == 0 || b.used+n <= ceiling
+	for {
+		used := b.used.Load()
+		if used != 0 && used+int64(n) > ceiling {
+			return false
+		}
+		if b.used.CompareAndSwap(used, used+int64(n)) {
+			return true
+		}
+	}
 }
 
 func (b *budget) acquire(n int, light bool) {
+	if b.tryAcquire(n, light) {
+		return
+	}
 	b.mu.Lock()
-	for !b.fits(n, light) {
+	// Counted before trying under mu: a release that comes after the
+	// failed try sees the waiter and wakes it.
+	b.waiters.Add(1)
+	for !b.tryAcquire(n, light) {
 		b.cond.Wait()
 	}
-	b.used += n
+	b.waiters.Add(-1)
 	b.mu.Unlock()
-}
-
-// tryAcquire takes n bytes if that needs no waiting.
-func (b *budget) tryAcquire(n int, light bool) bool {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if !b.fits(n, light) {
-		return false
-	}
-	b.used += n
-	return true
-}
-
-// holding is what the budget has given out.
-func (b *budget) holding() int {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.used
 }
 
 func (b *budget) release(n int) {
 	if n == 0 {
 		return
 	}
-	b.mu.Lock()
-	b.used -= n
-	b.mu.Unlock()
-	b.cond.Broadcast()
+	b.used.Add(-int64(n))
+	if b.waiters.Load() > 0 {
+		b.mu.Lock()
+		b.cond.Broadcast()
+		b.mu.Unlock()
+	}
 }
+
+// holding is what the budget has given out.
+func (b *budget) holding() int { return int(b.used.Load()) }

@@ -36,9 +36,7 @@ func (s *Server) BufferBytesInUse() int {
 	defer s.mu.Unlock()
 	n := 0
 	for c := range s.conns {
-		c.budget.mu.Lock()
-		n += c.budget.used
-		c.budget.mu.Unlock()
+		n += c.budget.holding()
 	}
 	return n
 }
@@ -58,7 +56,5 @@ func (s *Server) DrainingClients() int {
 
 // MemoryInUse is what the server-wide budget has handed out.
 func (s *Server) MemoryInUse() int {
-	s.memory.mu.Lock()
-	defer s.memory.mu.Unlock()
-	return s.memory.used
+	return s.memory.holding()
 }
