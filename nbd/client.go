@@ -9,6 +9,8 @@ import (
 	"net"
 	"sync"
 	"time"
+
+	"github.com/flexnbd/flexnbd/internal/rawsock"
 )
 
 // ClientOptions tune a Client. The zero value negotiates everything the
@@ -38,6 +40,26 @@ type ClientOptions struct {
 	OnIdle func()
 }
 
+// write sends p whole; the caller holds wmu.
+func (c *Client) write(p []byte) error {
+	if c.raw != nil {
+		_, err := c.raw.Write(p)
+		return err
+	}
+	_, err := c.conn.Write(p)
+	return err
+}
+
+// writeBufs sends bufs whole, in order; the caller holds wmu.
+func (c *Client) writeBufs(bufs net.Buffers) error {
+	if c.raw != nil {
+		_, err := c.raw.Writev(bufs)
+		return err
+	}
+	_, err := bufs.WriteTo(c.conn)
+	return err
+}
+
 // ErrClientClosed is returned for requests on a client that was closed.
 var ErrClientClosed = errors.New("nbd: client closed")
 
@@ -51,6 +73,7 @@ var ErrClientClosed = errors.New("nbd: client closed")
 type Client struct {
 	// immutable after NewClient
 	conn net.Conn
+	raw  *rawsock.Conn // conn's socket I/O without the runtime's system call overhead; nil for pipes
 	sess Session
 	sem  chan struct{}
 
@@ -119,7 +142,12 @@ func NewClient(conn net.Conn, opts *ClientOptions) (*Client, error) {
 	if timeout == 0 {
 		timeout = 10 * time.Second
 	}
-	br := bufio.NewReaderSize(conn, 64<<10)
+	raw := rawsock.New(conn)
+	var src io.Reader = conn
+	if raw != nil {
+		src = raw
+	}
+	br := bufio.NewReaderSize(src, 64<<10)
 	_ = conn.SetDeadline(time.Now().Add(timeout))
 	sess, err := clientHandshake(br, conn, opts)
 	if err != nil {
@@ -132,6 +160,7 @@ func NewClient(conn net.Conn, opts *ClientOptions) (*Client, error) {
 	}
 	c := &Client{
 		conn:       conn,
+		raw:        raw,
 		sess:       *sess,
 		sem:        make(chan struct{}, max),
 		br:         br,
@@ -453,13 +482,13 @@ func (c *Client) start(ctx context.Context, req Request, payload []byte, src *fi
 	var err error
 	if src != nil {
 		if len(c.queued) > 0 {
-			_, err = c.conn.Write(c.queued)
+			err = c.write(c.queued)
 		}
 		if err == nil {
 			err = c.sendFromFile(cl.bufs[0], src)
 		}
 	} else {
-		_, err = cl.wbufs.WriteTo(c.conn)
+		err = c.writeBufs(cl.wbufs)
 	}
 	c.queued = c.queued[:0]
 	if stop != nil {
@@ -611,7 +640,7 @@ func (c *Client) sendDisc() (sent bool, err error) {
 	}
 	c.wmu.Lock()
 	c.queued = AppendRequest(c.queued, Request{Type: CmdDisc})
-	_, err = c.conn.Write(c.queued)
+	err = c.write(c.queued)
 	c.queued = c.queued[:0]
 	c.wmu.Unlock()
 	if err != nil {

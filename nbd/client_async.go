@@ -58,7 +58,7 @@ func (c *Client) StartAsync(req Request, payload, readBuf []byte, done func([]Ex
 			c.queued = append(c.queued, payload...)
 		} else {
 			bufs := net.Buffers{c.queued, payload}
-			_, err = bufs.WriteTo(c.conn)
+			err = c.writeBufs(bufs)
 			c.queued = c.queued[:0]
 		}
 	}
@@ -76,7 +76,7 @@ func (c *Client) FlushRequests() error {
 	if len(c.queued) == 0 {
 		return nil
 	}
-	_, err := c.conn.Write(c.queued)
+	err := c.write(c.queued)
 	c.queued = c.queued[:0]
 	if err != nil {
 		err = fmt.Errorf("nbd: send request: %w", err)

@@ -14,6 +14,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/flexnbd/flexnbd/internal/rawsock"
 	"github.com/flexnbd/flexnbd/nbd"
 )
 
@@ -87,16 +88,19 @@ type conn struct {
 	unanswered sync.WaitGroup
 	draining   atomic.Bool
 
-	wmu sync.Mutex // guards out and the downstream writes
-	out []byte     // replies not yet written
+	raw *rawsock.Conn // nc's socket I/O; nil for connections without a descriptor
+	wmu sync.Mutex    // guards out and the downstream writes
+	out []byte        // replies not yet written
 }
 
 func newConn(p *Proxy, nc net.Conn) *conn {
+	raw := rawsock.New(nc)
 	ctx, cancel := context.WithCancel(context.Background())
 	return &conn{
 		p:       p,
 		nc:      nc,
-		br:      bufio.NewReaderSize(nc, 64<<10),
+		br:      bufio.NewReaderSize(downstreamReader(raw, nc), 64<<10),
+		raw:     raw,
 		log:     p.log.With().Str("client", nc.RemoteAddr().String()).Logger(),
 		ctx:     ctx,
 		cancel:  cancel,
@@ -423,4 +427,12 @@ func (c *conn) kick() {
 	case c.wake <- struct{}{}:
 	default:
 	}
+}
+
+// downstreamReader is what the client's requests are read from.
+func downstreamReader(raw *rawsock.Conn, nc net.Conn) io.Reader {
+	if raw != nil {
+		return raw
+	}
+	return nc
 }

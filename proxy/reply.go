@@ -73,8 +73,7 @@ func (c *conn) answer(o *op, ext []nbd.Extent, err error, flush bool) {
 	var werr error
 	switch {
 	case len(data) > inlineReply:
-		bufs := net.Buffers{c.out, data}
-		_, werr = bufs.WriteTo(c.nc)
+		werr = c.writeBufs(net.Buffers{c.out, data})
 		c.out = c.out[:0]
 	case len(data) > 0:
 		c.out = append(c.out, data...)
@@ -109,7 +108,22 @@ func (c *conn) writeOut() error {
 	if len(c.out) == 0 {
 		return nil
 	}
-	_, err := c.nc.Write(c.out)
+	var err error
+	if c.raw != nil {
+		_, err = c.raw.Write(c.out)
+	} else {
+		_, err = c.nc.Write(c.out)
+	}
 	c.out = c.out[:0]
+	return err
+}
+
+// writeBufs writes bufs to the client; the caller holds wmu.
+func (c *conn) writeBufs(bufs net.Buffers) error {
+	if c.raw != nil {
+		_, err := c.raw.Writev(bufs)
+		return err
+	}
+	_, err := bufs.WriteTo(c.nc)
 	return err
 }
