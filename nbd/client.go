@@ -50,10 +50,12 @@ func (c *Client) write(p []byte) error {
 	return err
 }
 
-// writeBufs sends bufs whole, in order; the caller holds wmu.
-func (c *Client) writeBufs(bufs net.Buffers) error {
+// writeBufs sends *bufs whole, in order, and may consume it; the caller
+// holds wmu. (A pointer, so that the fallback's WriteTo does not move the
+// caller's slice to the heap on every call.)
+func (c *Client) writeBufs(bufs *net.Buffers) error {
 	if c.raw != nil {
-		_, err := c.raw.Writev(bufs)
+		_, err := c.raw.Writev(*bufs)
 		return err
 	}
 	_, err := bufs.WriteTo(c.conn)
@@ -488,7 +490,7 @@ func (c *Client) start(ctx context.Context, req Request, payload []byte, src *fi
 			err = c.sendFromFile(cl.bufs[0], src)
 		}
 	} else {
-		err = c.writeBufs(cl.wbufs)
+		err = c.writeBufs(&cl.wbufs)
 	}
 	c.queued = c.queued[:0]
 	if stop != nil {

@@ -58,7 +58,7 @@ func (c *Client) StartAsync(req Request, payload, readBuf []byte, done func([]Ex
 			c.queued = append(c.queued, payload...)
 		} else {
 			bufs := net.Buffers{c.queued, payload}
-			err = c.writeBufs(bufs)
+			err = c.writeBufs(&bufs)
 			c.queued = c.queued[:0]
 		}
 	}

@@ -91,6 +91,8 @@ type conn struct {
 	raw *rawsock.Conn // nc's socket I/O; nil for connections without a descriptor
 	wmu sync.Mutex    // guards out and the downstream writes
 	out []byte        // replies not yet written
+	// wbufs is the scratch list of a reply written with its data.
+	wbufs net.Buffers
 }
 
 func newConn(p *Proxy, nc net.Conn) *conn {

@@ -73,7 +73,10 @@ func (c *conn) answer(o *op, ext []nbd.Extent, err error, flush bool) {
 	var werr error
 	switch {
 	case len(data) > inlineReply:
-		werr = c.writeBufs(net.Buffers{c.out, data})
+		c.wbufs = append(c.wbufs[:0], c.out, data)
+		werr = c.writeBufs(&c.wbufs)
+		clear(c.wbufs) // keep no reference to the data buffer
+		c.wbufs = c.wbufs[:0]
 		c.out = c.out[:0]
 	case len(data) > 0:
 		c.out = append(c.out, data...)
@@ -118,10 +121,11 @@ func (c *conn) writeOut() error {
 	return err
 }
 
-// writeBufs writes bufs to the client; the caller holds wmu.
-func (c *conn) writeBufs(bufs net.Buffers) error {
+// writeBufs writes *bufs to the client and may consume it; the caller
+// holds wmu.
+func (c *conn) writeBufs(bufs *net.Buffers) error {
 	if c.raw != nil {
-		_, err := c.raw.Writev(bufs)
+		_, err := c.raw.Writev(*bufs)
 		return err
 	}
 	_, err := bufs.WriteTo(c.nc)
