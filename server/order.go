@@ -14,9 +14,9 @@ import "sync"
 // Every active span sits in the tree of all spans, and a write also in the
 // tree of writes: a write conflicts with whatever overlaps it, a read only
 // with the writes that do. Thousands of reads parked behind one stalled
-// write thus cost another read nothing, and any admission costs O(log n +
-// k) for n spans in flight and k conflicts found, where scanning a list
-// cost O(n) under the lock that every connection shares.
+// write thus cost another read nothing. An admission costs O(log n) for n
+// spans in flight, plus O(log n) at most per conflict found, where
+// scanning a list cost O(n) under the lock that every connection shares.
 type orderGate struct {
 	mu     sync.Mutex
 	trees  [2]*span // roots, indexed by allSpans and writeSpans
@@ -93,7 +93,7 @@ func (s *span) collect(n *span, t int) {
 	for n != nil && n.links[t].maxEnd > s.off {
 		s.collect(n.links[t].left, t)
 		if n.off >= s.end {
-			return // so does everything to its right
+			return // n starts at or past s.end, and so does all to its right
 		}
 		if s.off < n.end {
 			if n.done == nil {
