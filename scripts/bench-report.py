@@ -300,13 +300,15 @@ def cmd_report(path):
           f"{100 * os.cpu_count()}%, minus server and fio). Much CPU to others "
           "means the run competed with unrelated work.")
     print()
-    latency_table(servers, workloads, med, paired_ratio, have_pair)
+    # raw.csv files written before the percentile columns have none.
+    has_percentiles = bool(rows) and "lat_p50_us" in rows[0]
+    latency_table(servers, workloads, med, paired_ratio, have_pair, has_percentiles)
     idle_table(servers, workloads, data, med, paired_ratio)
 
 
-def latency_table(servers, workloads, med, paired_ratio, have_pair):
+def latency_table(servers, workloads, med, paired_ratio, have_pair, has_percentiles):
     busy = [wl for wl in workloads if parse_key(wl)[4] == 0]
-    if not busy:
+    if not busy or not has_percentiles:
         return
     print("### Latency and CPU per request (median)")
     print()

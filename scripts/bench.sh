@@ -36,6 +36,10 @@
 #   FLEXNBD_BENCH_SIZE=2G size of the random data file
 #   FLEXNBD=bin/flexnbd   the binary under test
 #   GO=go                 builds internal/benchtools/idlers for idle runs
+#   STAGGER_MS=0          if set, the connections of one workload start at
+#                         random within (connections - 1) * STAGGER_MS ms
+#   FIO_GRACE=60          seconds past RAMP + RUNTIME after which a fio run
+#                         that has not ended is killed and counted as failed
 #   QUIET_LIMIT=40        before each run, wait (up to QUIET_WAIT=30 seconds)
 #                         until the machine as a whole is less busy than this
 #                         (% of one core, summed over all cores); 0 disables
@@ -57,6 +61,8 @@ SCALE=${SCALE:-"1 2 4 8 16 64"}
 IDLE=${IDLE:-1000}
 IDLE_BASE=${IDLE_BASE:-"rr4k_c8_qd1 rw4k_c8_qd1"}
 GO=${GO:-go}
+STAGGER_MS=${STAGGER_MS:-0}
+FIO_GRACE=${FIO_GRACE:-60}
 BENCH_DIR=${FLEXNBD_BENCH_DIR:-${TMPDIR:-/tmp}/flexnbd-bench}
 SIZE=${FLEXNBD_BENCH_SIZE:-2G}
 FLEXNBD=${FLEXNBD:-$ROOT/bin/flexnbd}
@@ -460,7 +466,7 @@ settle() {
 # measure ROUND SERVER WORKLOAD: one fio run, one CSV row.
 measure() {
     local r=$1 s=$2 wl=$3 rw bs qd conns idle out uri rc t0 t1 c0 c1 b0 b1 all0 all1 n0 n1 n w
-    local iops mibps lat p99 fcpu ferr p50 p999 wall cpu per busy idle_open=0 idle_out procs
+    local iops mibps lat p99 fcpu ferr p50 p999 wall cpu per busy idle_open=0 idle_out procs stagger=()
     read -r rw bs qd conns idle <<<"$(wl_args "$wl")"
     out=$OUT/$wl.$s.r$r.json
     uri="nbd://$HOST:${PORT[$s]}/${EXPORT[$s]}"
@@ -479,10 +485,17 @@ measure() {
     read -r c0 b0 all0 n0 <<<"$($REPORT ticks "${PID[$s]}")"
     t0=$(date +%s.%N)
     # fio's nbd engine opens one connection per job; group_reporting
-    # merges the jobs' figures (and latency histograms) into one.
-    fio --name="$wl" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \
+    # merges the jobs' figures (and latency histograms) into one. A server
+    # that accepts slowly (nbd-server: a backlog of 10) can drop a burst of
+    # connections after the client saw them established, and the client
+    # then waits for ever for a greeting: the timeout turns that into a
+    # failed run, and STAGGER_MS can spread the connects.
+    [ "$conns" -gt 1 ] && [ "$STAGGER_MS" -gt 0 ] &&
+        stagger=(--startdelay="0-$(((conns - 1) * STAGGER_MS))ms")
+    timeout -k 10 $((RAMP + RUNTIME + FIO_GRACE)) \
+        fio --name="$wl" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \
         --numjobs="$conns" --group_reporting --size="$IMG_BYTES" --time_based --runtime="$RUNTIME" \
-        --ramp_time="$RAMP" --norandommap --randrepeat=0 --percentile_list=50:99:99.9 \
+        --ramp_time="$RAMP" --norandommap --randrepeat=0 --percentile_list=50:99:99.9 "${stagger[@]}" \
         --output-format=json --output="$out" >"$out.log" 2>&1
     rc=$?
     t1=$(date +%s.%N)
