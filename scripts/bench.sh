@@ -386,7 +386,15 @@ stop_all() {
     local s
     for s in "${ACTIVE[@]}"; do stop "$s"; done
 }
-trap 'stop_idlers; stop_all' EXIT
+# FIO_PID: the fio run in progress (its jobs are its children); WATCHDOG:
+# the process group that kills it if it hangs.
+FIO_PID=
+WATCHDOG=
+stop_fio() {
+    [ -z "$WATCHDOG" ] || kill -KILL -- -"$WATCHDOG" 2>/dev/null
+    [ -z "$FIO_PID" ] || kill -KILL $(children_of "$FIO_PID") "$FIO_PID" 2>/dev/null
+}
+trap 'stop_fio; stop_idlers; stop_all' EXIT
 trap 'exit 130' INT TERM
 
 # --- one measurement ---------------------------------------------------------
@@ -488,17 +496,27 @@ measure() {
     # merges the jobs' figures (and latency histograms) into one. A server
     # that accepts slowly (nbd-server: a backlog of 10) can drop a burst of
     # connections after the client saw them established, and the client
-    # then waits for ever for a greeting: the timeout turns that into a
-    # failed run, and STAGGER_MS can spread the connects.
+    # then waits for ever for a greeting, deaf to SIGTERM: a watchdog kills
+    # fio and its jobs (each in a session of its own, so by pid) after
+    # FIO_GRACE, which makes it a failed run; STAGGER_MS can spread the
+    # connects.
     [ "$conns" -gt 1 ] && [ "$STAGGER_MS" -gt 0 ] &&
         stagger=(--startdelay="0-$(((conns - 1) * STAGGER_MS))ms")
-    timeout -k 10 $((RAMP + RUNTIME + FIO_GRACE)) \
-        fio --name="$wl" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \
+    setsid fio --name="$wl" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \
         --numjobs="$conns" --group_reporting --size="$IMG_BYTES" --time_based --runtime="$RUNTIME" \
         --ramp_time="$RAMP" --norandommap --randrepeat=0 --percentile_list=50:99:99.9 "${stagger[@]}" \
-        --output-format=json --output="$out" >"$out.log" 2>&1
+        --output-format=json --output="$out" >"$out.log" 2>&1 </dev/null &
+    FIO_PID=$!
+    setsid bash -c 'sleep "$1"; kill -KILL $(ps -o pid= --ppid "$2") "$2"' watchdog $((RAMP + RUNTIME + FIO_GRACE)) "$FIO_PID" \
+        >/dev/null 2>&1 </dev/null &
+    WATCHDOG=$!
+    wait "$FIO_PID"
     rc=$?
     t1=$(date +%s.%N)
+    kill -KILL -- -"$WATCHDOG" 2>/dev/null
+    wait "$WATCHDOG" 2>/dev/null
+    WATCHDOG=
+    FIO_PID=
     # A forking server (nbd-server) serves the connection in a child; wait
     # for it to be reaped so its CPU shows up in the parent's cutime/cstime.
     for w in $(seq 20); do
