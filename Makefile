@@ -27,6 +27,7 @@ DEBDIR    ?= bin
 
 .PHONY: all build test vet fmt-check race unit fuzz soak bench bench-migrate bench-proxy serve man install clean
 .PHONY: uninstall deb
+.PHONY: bench-scale
 
 all: build
 
@@ -58,6 +59,16 @@ fmt-check:
 # same file; see docs/BENCHMARKS.md.
 bench: build
 	scripts/bench.sh
+
+# Multi-connection scaling against nbdkit, qemu-nbd and nbd-server on
+# 512 MiB in the page cache: 4 KiB random reads and writes on SCALE
+# connections (1 2 4 8 16 64) at QD1 each, 4 connections at QD8 and one at
+# QD32, then 8 busy connections at QD1 with and without IDLE (1000) idle
+# ones; IOPS, p50/p99/p99.9 latency and server CPU per request. Takes about
+# an hour with the defaults; see docs/BENCHMARKS.md.
+bench-scale: build
+	FLEXNBD_BENCH_SIZE=$${FLEXNBD_BENCH_SIZE:-512M} WORKLOADS="$${WORKLOADS:-scale idle}" GO=$(GO) \
+		scripts/bench.sh
 
 # The proxy against direct access to the same flexnbd serve, and nbdkit's
 # nbd plugin as a proxy for reference; see docs/BENCHMARKS.md.

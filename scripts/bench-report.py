@@ -7,14 +7,16 @@ Subcommands:
                    plus cutime+cstime of reaped children), the machine's busy and
                    total ticks from /proc/stat, and the number of live
                    descendant processes.
-  fio JSON         print "IOPS MIBPS LAT_AVG_US LAT_P99_US FIO_CPU_PCT ERROR"
-                   from one fio --output-format=json file.
+  fio JSON         print "IOPS MIBPS LAT_AVG_US LAT_P99_US FIO_CPU_PCT ERROR
+                   LAT_P50_US LAT_P999_US" from one fio --output-format=json
+                   file (latencies: completion latency percentiles).
   report CSV       print the markdown tables (medians over rounds) for the
                    rows bench.sh wrote.
 """
 import csv
 import json
 import os
+import re
 import statistics
 import sys
 
@@ -26,6 +28,10 @@ LABELS = {
     "sr1m_qd8": "1M seq read QD8",
     "sw1m_qd8": "1M seq write QD8",
 }
+# Workload keys: {rr,rw,sr,sw}BS[_cCONNS]_qdQD[_iIDLE], or RW_BS_QD[_iIDLE].
+KEY = re.compile(r"^(rr|rw|sr|sw)(\d+[km])(?:_c(\d+))?_qd(\d+)$")
+GENERIC = re.compile(r"^([a-z]+)_(\d+[kmKM]?)_(\d+)$")
+KINDS = {"rr": "randread", "rw": "randwrite", "sr": "seq read", "sw": "seq write"}
 # The pair whose per-round ratio the tables give (bench.sh exports them).
 REFERENCE = os.environ.get("REFERENCE", "nbdkit")
 SUBJECT = os.environ.get("SUBJECT", "flexnbd")
@@ -92,8 +98,10 @@ def cmd_fio(path):
         text = f.read()
     # fio can print warnings ahead of the JSON document.
     doc = json.loads(text[text.index("{"):])
+    # With group_reporting the one job stands for every job (connection).
     job = doc["jobs"][0]
-    iops = mib = lat = p99 = 0.0
+    iops = mib = lat = 0.0
+    pct = {"50.000000": 0.0, "99.000000": 0.0, "99.900000": 0.0}
     for side in ("read", "write"):
         s = job.get(side, {})
         if not s.get("total_ios"):
@@ -101,9 +109,66 @@ def cmd_fio(path):
         iops += s["iops"]
         mib += s["bw_bytes"] / 1048576.0
         lat = s["lat_ns"]["mean"] / 1000.0
-        p99 = s.get("clat_ns", {}).get("percentile", {}).get("99.000000", 0) / 1000.0
-    cpu = job.get("usr_cpu", 0.0) + job.get("sys_cpu", 0.0)
-    print(f"{iops:.1f} {mib:.2f} {lat:.1f} {p99:.1f} {cpu:.1f} {job.get('error', 0)}")
+        got = s.get("clat_ns", {}).get("percentile", {})
+        # A mixed workload reports the slower side's percentiles.
+        for k in pct:
+            pct[k] = max(pct[k], got.get(k, 0) / 1000.0)
+    # fio gives the jobs' CPU as an average per job; the client's CPU is
+    # the sum over them.
+    jobs = int(job.get("job options", {}).get("numjobs", 1))
+    cpu = (job.get("usr_cpu", 0.0) + job.get("sys_cpu", 0.0)) * jobs
+    print(f"{iops:.1f} {mib:.2f} {lat:.1f} {pct['99.000000']:.1f} {cpu:.1f} {job.get('error', 0)} "
+          f"{pct['50.000000']:.1f} {pct['99.900000']:.1f}")
+
+
+def parse_key(wl):
+    """Return (kind, bs, conns, qd, idle, base) for a workload key; kind is
+    None for a key of neither form."""
+    base, idle = wl, 0
+    m = re.match(r"^(.+)_i(\d+)$", wl)
+    if m:
+        base, idle = m.group(1), int(m.group(2))
+    m = KEY.match(base)
+    if m:
+        return m.group(1), m.group(2), int(m.group(3) or 1), int(m.group(4)), idle, base
+    m = GENERIC.match(base)
+    if m:
+        return m.group(1), m.group(2), 1, int(m.group(3)), idle, base
+    return None, "", 1, 1, idle, base
+
+
+def bs_bytes(bs):
+    n = int(re.sub(r"\D", "", bs) or 0)
+    return n * {"k": 1 << 10, "m": 1 << 20}.get(bs[-1:].lower(), 1)
+
+
+def sort_key(wl):
+    kind, bs, conns, qd, idle, _ = parse_key(wl)
+    kinds = list(KINDS)
+    return (kinds.index(kind) if kind in kinds else len(kinds), bs_bytes(bs), qd, conns, idle)
+
+
+def label(wl):
+    if wl in LABELS:
+        return LABELS[wl]
+    kind, bs, conns, qd, idle, _ = parse_key(wl)
+    if kind is None:
+        return wl
+    text = f"{bs} {KINDS.get(kind, kind)}"
+    if conns > 1 or idle:
+        text += f" {conns} conn" + ("s" if conns > 1 else "")
+    text += f" QD{qd}"
+    if idle:
+        text += f" + {idle} idle"
+    return text
+
+
+def fmt_us(v):
+    if v is None:
+        return "-"
+    if v >= 10000:
+        return f"{v / 1000:.1f} ms"
+    return f"{v:.0f} µs"
 
 
 def fmt_iops(v):
@@ -120,7 +185,13 @@ def median(xs):
 
 def cmd_report(path):
     with open(path) as f:
-        rows = [r for r in csv.DictReader(f) if r["error"] == "0"]
+        every = list(csv.DictReader(f))
+    rows = [r for r in every if r["error"] == "0"]
+    failed = [r for r in every if r["error"] != "0"]
+    if failed:
+        print("Failed runs, left out of the tables: " + "; ".join(
+            f"round {r['round']} {r['server']} {r['workload']} ({r['error']})" for r in failed))
+        print()
     servers, workloads = [], []
     data = {}  # (server, workload) -> list of rows
     for r in rows:
@@ -131,16 +202,17 @@ def cmd_report(path):
         data.setdefault((r["server"], r["workload"]), []).append(r)
     # Keep the subject first and the reference second, others in run order.
     servers.sort(key=lambda s: (s != SUBJECT, s != REFERENCE))
-    workloads.sort(key=lambda w: list(LABELS).index(w) if w in LABELS else len(LABELS))
+    workloads.sort(key=sort_key)
     have_pair = SUBJECT in servers and REFERENCE in servers
 
     def med(server, wl, field):
         return median([float(r[field]) for r in data.get((server, wl), [])])
 
-    def paired_ratio(wl, field, invert=False):
-        """Median over rounds of subject/reference, each pair from one round."""
-        a = {r["round"]: float(r[field]) for r in data.get((SUBJECT, wl), [])}
-        b = {r["round"]: float(r[field]) for r in data.get((REFERENCE, wl), [])}
+    def paired_ratio(wl, field, invert=False, pair=(SUBJECT, REFERENCE), base=None):
+        """Median over rounds of subject/reference, each pair from one round
+        (or of wl against base on one server, with pair=(server, server))."""
+        a = {r["round"]: float(r.get(field) or 0) for r in data.get((pair[0], wl), [])}
+        b = {r["round"]: float(r.get(field) or 0) for r in data.get((pair[1], base or wl), [])}
         ratios = []
         for rnd in a.keys() & b.keys():
             num, den = (b[rnd], a[rnd]) if invert else (a[rnd], b[rnd])
@@ -157,7 +229,6 @@ def cmd_report(path):
                 worst = max(worst, (max(xs) - min(xs)) / statistics.median(xs) * 100)
         return worst
 
-    label = lambda wl: LABELS.get(wl, wl)
     nrounds = max((len(v) for v in data.values()), default=0)
 
     print(f"### Throughput (median of {nrounds} rounds)")
@@ -228,6 +299,91 @@ def cmd_report(path):
           f"used during the run (all {os.cpu_count()} cores busy = "
           f"{100 * os.cpu_count()}%, minus server and fio). Much CPU to others "
           "means the run competed with unrelated work.")
+    print()
+    # raw.csv files written before the percentile columns have none.
+    has_percentiles = bool(rows) and "lat_p50_us" in rows[0]
+    latency_table(servers, workloads, med, paired_ratio, have_pair, has_percentiles)
+    idle_table(servers, workloads, data, med, paired_ratio)
+
+
+def latency_table(servers, workloads, med, paired_ratio, have_pair, has_percentiles):
+    busy = [wl for wl in workloads if parse_key(wl)[4] == 0]
+    if not busy or not has_percentiles:
+        return
+    print("### Latency and CPU per request (median)")
+    print()
+    head = ["workload"]
+    for s in servers:
+        head += [f"{s} IOPS", "p50", "p99", "p99.9", "µs/op"]
+    if have_pair:
+        head += [f"IOPS {SUBJECT} / {REFERENCE}", f"p99 {SUBJECT} / {REFERENCE}"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for wl in busy:
+        cells = [label(wl)]
+        for s in servers:
+            iops = med(s, wl, "iops")
+            if iops is None:
+                cells += ["-"] * 5
+                continue
+            cells.append(fmt_iops(iops))
+            for field in ("lat_p50_us", "lat_p99_us", "lat_p999_us"):
+                cells.append(fmt_us(med(s, wl, field)))
+            cells.append(f"{med(s, wl, 'srv_us_per_op'):.1f}")
+        if have_pair:
+            for field in ("iops", "lat_p99_us"):
+                r = paired_ratio(wl, field)
+                cells.append("-" if r is None else f"**{r:.2f}**")
+        print("| " + " | ".join(cells) + " |")
+    print()
+    print("IOPS is the sum over the workload's connections; p50, p99 and p99.9 are fio's "
+          "completion latency percentiles over all of them (submission to completion of "
+          "one request, as seen by the client); µs/op is the server's CPU time per request. "
+          f"Ratios are medians of per-round ratios: for IOPS above 1, for p99 below 1, "
+          f"{SUBJECT} does better.")
+
+
+def idle_table(servers, workloads, data, med, paired_ratio):
+    pairs = []
+    for wl in workloads:
+        _, _, _, _, idle, base = parse_key(wl)
+        if idle and base in workloads:
+            pairs.append((wl, base, idle))
+    if not pairs:
+        return
+    print()
+    print("### Busy connections beside idle ones (median)")
+    print()
+    head = ["workload", "server", "IOPS alone · beside idle", "p99 alone · beside idle",
+            "p99 beside / alone", "p99.9 beside / alone", "µs/op alone · beside idle",
+            "idle kept open"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for wl, base, idle in pairs:
+        for s in servers:
+            if med(s, wl, "iops") is None or med(s, base, "iops") is None:
+                continue
+            p99 = paired_ratio(wl, "lat_p99_us", pair=(s, s), base=base)
+            p999 = paired_ratio(wl, "lat_p999_us", pair=(s, s), base=base)
+            kept = min(int(float(r.get("idle_open") or 0)) for r in data[(s, wl)])
+            cells = [
+                f"{label(base)} + {idle} idle",
+                s,
+                f"{fmt_iops(med(s, base, 'iops'))} · {fmt_iops(med(s, wl, 'iops'))}",
+                f"{fmt_us(med(s, base, 'lat_p99_us'))} · {fmt_us(med(s, wl, 'lat_p99_us'))}",
+                "-" if p99 is None else f"**{p99:.2f}**",
+                "-" if p999 is None else f"{p999:.2f}",
+                f"{med(s, base, 'srv_us_per_op'):.1f} · {med(s, wl, 'srv_us_per_op'):.1f}",
+                f"{kept} of {idle}",
+            ]
+            print("| " + " | ".join(cells) + " |")
+    print()
+    print("Each idle run opens that many connections to the same server, completes the "
+          "handshake on each and sends nothing on them while fio runs (internal/benchtools/"
+          "idlers), right after the run without them (right before it in even rounds). "
+          "Ratios are medians of per-round ratios on the same server; the serve-at-scale target is "
+          "a p99 ratio of at most 1.1. `idle kept open` is the fewest, over the rounds, still "
+          "open when fio ended: below the count, the server dropped idle clients.")
 
 
 def main():

@@ -14,14 +14,32 @@
 #   SERVERS="flexnbd nbdkit qemu-nbd nbd-server"
 #                         also flexnbd-proxy and nbdkit-proxy: flexnbd proxy,
 #                         or nbdkit's nbd plugin, in front of a flexnbd serve
-#                         of the same file (`make bench-proxy`)
+#                         of the same file (`make bench-proxy`); and
+#                         flexnbd-metrics: flexnbd serve with --metrics
 #   SUBJECT=flexnbd REFERENCE=nbdkit
 #                         the pair whose per-round ratio the report gives
 #   WORKLOADS="rr4k_qd1 rr4k_qd32 rw4k_qd32 sr1m_qd8 sw1m_qd8"
-#                         or RW_BS_QD, e.g. randrw_64k_16
+#                         or RW_BS_QD, e.g. randrw_64k_16; keys are
+#                         {rr,rw,sr,sw}BS[_cCONNS]_qdQD[_iIDLE]: rr4k_c8_qd1 is
+#                         4 KiB random reads on 8 connections (fio jobs) at
+#                         QD1 each; a _i1000 tail runs it beside 1000 idle
+#                         connections to the same server. Two sets:
+#                         "scale" (SCALE connections, see below) and "idle"
+#                         (IDLE_BASE with and without IDLE idle connections)
+#   SCALE="1 2 4 8 16 64" connection counts of the scale set: 4k random read
+#                         and write at QD1 on each, then 4 connections at QD8
+#                         and 1 at QD32
+#   IDLE=1000 IDLE_BASE="rr4k_c8_qd1 rw4k_c8_qd1"
+#                         the idle set; each idle run follows its base run
+#                         on the same server (precedes it in even rounds)
 #   FLEXNBD_BENCH_DIR     data and results (default ${TMPDIR:-/tmp}/flexnbd-bench)
 #   FLEXNBD_BENCH_SIZE=2G size of the random data file
 #   FLEXNBD=bin/flexnbd   the binary under test
+#   GO=go                 builds internal/benchtools/idlers for idle runs
+#   STAGGER_MS=0          if set, the connections of one workload start at
+#                         random within (connections - 1) * STAGGER_MS ms
+#   FIO_GRACE=60          seconds past RAMP + RUNTIME after which a fio run
+#                         that has not ended is killed and counted as failed
 #   QUIET_LIMIT=40        before each run, wait (up to QUIET_WAIT=30 seconds)
 #                         until the machine as a whole is less busy than this
 #                         (% of one core, summed over all cores); 0 disables
@@ -39,6 +57,12 @@ RAMP=${RAMP:-1}
 SERVERS=${SERVERS:-"flexnbd nbdkit qemu-nbd nbd-server"}
 export SUBJECT=${SUBJECT:-flexnbd} REFERENCE=${REFERENCE:-nbdkit}
 WORKLOADS=${WORKLOADS:-"rr4k_qd1 rr4k_qd32 rw4k_qd32 sr1m_qd8 sw1m_qd8"}
+SCALE=${SCALE:-"1 2 4 8 16 64"}
+IDLE=${IDLE:-1000}
+IDLE_BASE=${IDLE_BASE:-"rr4k_c8_qd1 rw4k_c8_qd1"}
+GO=${GO:-go}
+STAGGER_MS=${STAGGER_MS:-0}
+FIO_GRACE=${FIO_GRACE:-60}
 BENCH_DIR=${FLEXNBD_BENCH_DIR:-${TMPDIR:-/tmp}/flexnbd-bench}
 SIZE=${FLEXNBD_BENCH_SIZE:-2G}
 FLEXNBD=${FLEXNBD:-$ROOT/bin/flexnbd}
@@ -49,6 +73,13 @@ START_TIMEOUT=20
 STOP_TIMEOUT=10
 
 INVOCATION="ROUNDS=$ROUNDS RUNTIME=$RUNTIME RAMP=$RAMP QUIET_LIMIT=$QUIET_LIMIT SERVERS=\"$SERVERS\" WORKLOADS=\"$WORKLOADS\" SUBJECT=$SUBJECT REFERENCE=$REFERENCE make bench"
+case " $WORKLOADS " in
+*" scale "*) INVOCATION="SCALE=\"$SCALE\" $INVOCATION" ;;
+esac
+case " $WORKLOADS " in
+*" idle "* | *_i[0-9]*) INVOCATION="IDLE=$IDLE IDLE_BASE=\"$IDLE_BASE\" $INVOCATION" ;;
+esac
+[ -n "${FLEXNBD_BENCH_SIZE:-}" ] && INVOCATION="FLEXNBD_BENCH_SIZE=$SIZE $INVOCATION"
 
 say() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 fail() { say "error: $*"; exit 1; }
@@ -57,7 +88,7 @@ fail() { say "error: $*"; exit 1; }
 
 server_binary() {
     case $1 in
-    flexnbd | flexnbd-proxy) echo "$FLEXNBD" ;;
+    flexnbd | flexnbd-proxy | flexnbd-metrics) echo "$FLEXNBD" ;;
     nbdkit | qemu-nbd | nbd-server) echo "$1" ;;
     nbdkit-proxy) echo nbdkit ;;
     *) return 1 ;;
@@ -67,12 +98,12 @@ server_binary() {
 ACTIVE=()
 SKIPPED=()
 for s in $SERVERS; do
-    bin=$(server_binary "$s") || fail "unknown server '$s' (known: flexnbd nbdkit qemu-nbd nbd-server flexnbd-proxy nbdkit-proxy)"
+    bin=$(server_binary "$s") || fail "unknown server '$s' (known: flexnbd nbdkit qemu-nbd nbd-server flexnbd-proxy nbdkit-proxy flexnbd-metrics)"
     if command -v "$bin" >/dev/null 2>&1; then
         ACTIVE+=("$s")
     else
         case $s in
-        flexnbd | flexnbd-proxy) fail "$FLEXNBD not found; run 'make build' or use 'make bench'" ;;
+        flexnbd | flexnbd-proxy | flexnbd-metrics) fail "$FLEXNBD not found; run 'make build' or use 'make bench'" ;;
         nbdkit) fail "nbdkit is required for the comparison; install nbdkit" ;;
         esac
         say "skipping $s: '$bin' is not installed"
@@ -84,20 +115,108 @@ for tool in fio ss sync; do
     command -v $tool >/dev/null || fail "$tool is required"
 done
 
-wl_args() { # workload key -> "rw bs iodepth"
-    case $1 in
-    rr4k_qd1) echo "randread 4k 1" ;;
-    rr4k_qd32) echo "randread 4k 32" ;;
-    rw4k_qd32) echo "randwrite 4k 32" ;;
-    sr1m_qd8) echo "read 1m 8" ;;
-    sw1m_qd8) echo "write 1m 8" ;;
-    *_*_*) echo "${1//_/ }" ;;
-    *) return 1 ;;
-    esac
+wl_args() { # workload key -> "rw bs iodepth connections idle"
+    local k=$1 idle=0 conns=1 rw bs qd
+    if [[ $k =~ ^(.+)_i([0-9]+)$ ]]; then
+        k=${BASH_REMATCH[1]} idle=${BASH_REMATCH[2]}
+    fi
+    if [[ $k =~ ^(rr|rw|sr|sw)([0-9]+[km])(_c([0-9]+))?_qd([0-9]+)$ ]]; then
+        case ${BASH_REMATCH[1]} in
+        rr) rw=randread ;;
+        rw) rw=randwrite ;;
+        sr) rw=read ;;
+        sw) rw=write ;;
+        esac
+        bs=${BASH_REMATCH[2]} conns=${BASH_REMATCH[4]:-1} qd=${BASH_REMATCH[5]}
+    elif [[ $k =~ ^([a-z]+)_([0-9]+[kmKM]?)_([0-9]+)$ ]]; then
+        rw=${BASH_REMATCH[1]} bs=${BASH_REMATCH[2]} qd=${BASH_REMATCH[3]}
+    else
+        return 1
+    fi
+    [ "$conns" -ge 1 ] && [ "$qd" -ge 1 ] || return 1
+    echo "$rw $bs $qd $conns $idle"
 }
-for wl in $WORKLOADS; do
-    wl_args "$wl" >/dev/null || fail "unknown workload '$wl'"
+
+# expand_workloads: WORKLOADS with the sets spelled out, each key once, and
+# each idle run right after its base run, so that the pair is measured
+# minutes apart at most.
+expand_workloads() {
+    local wl n base list=() plain=() out=() idle=()
+    declare -A seen
+    for wl in $WORKLOADS; do
+        case $wl in
+        scale)
+            # One connection keeps make bench's key (rr4k_qd1).
+            for n in $SCALE; do
+                [ "$n" = 1 ] && n= || n=_c$n
+                list+=("rr4k${n}_qd1" "rw4k${n}_qd1")
+            done
+            list+=(rr4k_c4_qd8 rw4k_c4_qd8 rr4k_qd32 rw4k_qd32) ;;
+        idle)
+            for base in $IDLE_BASE; do list+=("$base" "${base}_i$IDLE"); done ;;
+        *) list+=("$wl") ;;
+        esac
+    done
+    for wl in "${list[@]}"; do
+        [ -z "${seen[$wl]:-}" ] || continue
+        seen[$wl]=1
+        if [[ $wl =~ ^(.+)_i[0-9]+$ ]]; then idle+=("$wl"); else plain+=("$wl"); fi
+    done
+    for wl in "${idle[@]}"; do
+        base=${wl%_i*}
+        [ -n "${seen[$base]:-}" ] && continue
+        seen[$base]=1
+        plain+=("$base")
+    done
+    for base in "${plain[@]}"; do
+        out+=("$base")
+        for wl in "${idle[@]}"; do
+            [ "${wl%_i*}" = "$base" ] && out+=("$wl")
+        done
+    done
+    echo "${out[*]}"
+}
+WL_LIST=$(expand_workloads)
+MAX_CONNS=1
+MAX_IDLE=0
+for wl in $WL_LIST; do
+    read -r _ _ _ conns idle <<<"$(wl_args "$wl")" || fail "unknown workload '$wl'"
+    [ -n "$conns" ] || fail "unknown workload '$wl'"
+    [ "$conns" -gt "$MAX_CONNS" ] && MAX_CONNS=$conns
+    [ "$idle" -gt "$MAX_IDLE" ] && MAX_IDLE=$idle
 done
+
+# round_order ROUND: the workloads of one round. In even rounds an idle
+# run goes before its base run, so that slow drift of the machine does not
+# always favour the same side of the pair.
+round_order() {
+    local r=$1 wl group=() out=()
+    if [ $((r % 2)) -eq 1 ]; then
+        echo "$WL_LIST"
+        return
+    fi
+    for wl in $WL_LIST; do
+        if [[ $wl =~ _i[0-9]+$ ]]; then
+            group=("$wl" "${group[@]}")
+        else
+            out+=("${group[@]}")
+            group=("$wl")
+        fi
+    done
+    out+=("${group[@]}")
+    echo "${out[*]}"
+}
+
+# Every connection, idle or busy, is a descriptor in the server (and the
+# idle ones in the helper too): make room under the hard limit.
+NEED_FDS=$((MAX_IDLE + MAX_CONNS + 256))
+if [ "$(ulimit -Sn)" != unlimited ] && [ "$(ulimit -Sn)" -lt "$NEED_FDS" ]; then
+    ulimit -Sn "$NEED_FDS" 2>/dev/null ||
+        fail "$NEED_FDS descriptors needed for $MAX_IDLE idle and $MAX_CONNS busy connections; ulimit -Hn is $(ulimit -Hn)"
+fi
+# qemu-nbd refuses clients beyond --shared; 16 unless more are needed.
+QEMU_SHARED=16
+[ $((MAX_IDLE + MAX_CONNS)) -gt $QEMU_SHARED ] && QEMU_SHARED=$((MAX_IDLE + MAX_CONNS))
 
 # --- data --------------------------------------------------------------------
 
@@ -108,6 +227,11 @@ if [ ! -f "$IMG" ]; then
     head -c "$SIZE" /dev/urandom >"$IMG.tmp" && mv "$IMG.tmp" "$IMG" || fail "cannot write $IMG"
 fi
 IMG_BYTES=$(stat -c %s "$IMG")
+IDLERS=
+if [ "$MAX_IDLE" -gt 0 ]; then
+    IDLERS=$BENCH_DIR/idlers
+    (cd "$ROOT" && "$GO" build -o "$IDLERS" ./internal/benchtools/idlers) || fail "cannot build internal/benchtools/idlers"
+fi
 say "reading $IMG into the page cache"
 cat "$IMG" >/dev/null
 
@@ -115,7 +239,7 @@ STAMP=$(date +%Y%m%d-%H%M%S)
 OUT=$BENCH_DIR/results/$STAMP
 mkdir -p "$OUT"
 CSV=$OUT/raw.csv
-echo "round,server,workload,iops,mibps,lat_avg_us,lat_p99_us,srv_cpu_pct,srv_us_per_op,fio_cpu_pct,sys_busy_pct,other_pct,wall_s,error" >"$CSV"
+echo "round,server,workload,iops,mibps,lat_avg_us,lat_p99_us,srv_cpu_pct,srv_us_per_op,fio_cpu_pct,sys_busy_pct,other_pct,wall_s,error,lat_p50_us,lat_p999_us,conns,idle,idle_open" >"$CSV"
 
 # --- starting and stopping servers -------------------------------------------
 
@@ -166,6 +290,8 @@ start() {
     case $s in
     flexnbd)
         cmd=("$FLEXNBD" serve --addr "$HOST" --port "$port" --file "$IMG" -q) ;;
+    flexnbd-metrics)
+        cmd=("$FLEXNBD" serve --addr "$HOST" --port "$port" --file "$IMG" -q --metrics "$HOST:0") ;;
     flexnbd-proxy)
         start_backend "$s" || return 1
         cmd=("$FLEXNBD" proxy --addr "$HOST" --port "$port" --conn-addr "$HOST" --conn-port "$BPORT" -q) ;;
@@ -175,7 +301,7 @@ start() {
     nbdkit)
         cmd=(nbdkit -f -i "$HOST" -p "$port" file "file=$IMG") ;;
     qemu-nbd)
-        cmd=(qemu-nbd --persistent -f raw --cache=writeback --aio=threads --shared=16
+        cmd=(qemu-nbd --persistent -f raw --cache=writeback --aio=threads --shared=$QEMU_SHARED
             -b "$HOST" -p "$port" "$IMG") ;;
     nbd-server)
         # nbd-server takes its exports from a config file and daemonises; the
@@ -260,7 +386,15 @@ stop_all() {
     local s
     for s in "${ACTIVE[@]}"; do stop "$s"; done
 }
-trap stop_all EXIT
+# FIO_PID: the fio run in progress (its jobs are its children); WATCHDOG:
+# the process group that kills it if it hangs.
+FIO_PID=
+WATCHDOG=
+stop_fio() {
+    [ -z "$WATCHDOG" ] || kill -KILL -- -"$WATCHDOG" 2>/dev/null
+    [ -z "$FIO_PID" ] || kill -KILL $(children_of "$FIO_PID") "$FIO_PID" 2>/dev/null
+}
+trap 'stop_fio; stop_idlers; stop_all' EXIT
 trap 'exit 130' INT TERM
 
 # --- one measurement ---------------------------------------------------------
@@ -284,23 +418,105 @@ quiet() {
     done
 }
 
+# start_idlers SERVER N OUT: open N idle connections to SERVER with the
+# idlers helper and wait until all have negotiated; sets IDLERS_PID.
+IDLERS_PID=
+start_idlers() {
+    local s=$1 n=$2 out=$3 t=0
+    rm -f "$out.ready"
+    "$IDLERS" -addr "$HOST:${PORT[$s]}" -export "${EXPORT[$s]}" -conns "$n" -ready "$out.ready" \
+        >"$out" 2>"$out.log" </dev/null &
+    IDLERS_PID=$!
+    until [ -e "$out.ready" ]; do
+        if ! kill -0 "$IDLERS_PID" 2>/dev/null; then
+            wait "$IDLERS_PID"
+            IDLERS_PID=
+            return 1
+        fi
+        sleep 0.1
+        t=$((t + 1))
+        if [ $t -ge 1200 ]; then
+            stop_idlers
+            return 1
+        fi
+    done
+}
+
+# stop_idlers: close the idle connections; the helper then writes how many
+# of them the server had kept open to its output file.
+stop_idlers() {
+    [ -n "$IDLERS_PID" ] || return 0
+    kill -TERM "$IDLERS_PID" 2>/dev/null
+    wait "$IDLERS_PID" 2>/dev/null
+    IDLERS_PID=
+}
+
+# settle SERVER PROCS: once idle connections were closed, wait (up to 30 s)
+# until the server holds no connection and has no more descendant processes
+# than PROCS, so that tearing down a thousand connections (or, for
+# nbd-server, their processes) does not land in the next run.
+settle() {
+    local s=$1 procs=$2 n t=0
+    while :; do
+        read -r _ _ _ n <<<"$($REPORT ticks "${PID[$s]}")"
+        if [ "$n" -le "$procs" ] && [ -z "$(ss -Htn state established "sport = :${PORT[$s]}" 2>/dev/null)" ]; then
+            return 0
+        fi
+        if [ $t -ge 300 ]; then
+            say "$s still holds connections or processes 30 s after the idle ones closed"
+            return 0
+        fi
+        sleep 0.1
+        t=$((t + 1))
+    done
+}
+
 # measure ROUND SERVER WORKLOAD: one fio run, one CSV row.
 measure() {
-    local r=$1 s=$2 wl=$3 rw bs qd out uri rc t0 t1 c0 c1 b0 b1 all0 all1 n0 n1 n w
-    local iops mibps lat p99 fcpu ferr wall cpu per busy
-    read -r rw bs qd <<<"$(wl_args "$wl")"
+    local r=$1 s=$2 wl=$3 rw bs qd conns idle out uri rc t0 t1 c0 c1 b0 b1 all0 all1 n0 n1 n w
+    local iops mibps lat p99 fcpu ferr p50 p999 wall cpu per busy idle_open=0 idle_out procs stagger=()
+    read -r rw bs qd conns idle <<<"$(wl_args "$wl")"
     out=$OUT/$wl.$s.r$r.json
     uri="nbd://$HOST:${PORT[$s]}/${EXPORT[$s]}"
     sync
+    if [ "$idle" -gt 0 ]; then
+        idle_out=$OUT/$wl.$s.r$r.idlers.json
+        read -r _ _ _ procs <<<"$($REPORT ticks "${PID[$s]}")"
+        if ! start_idlers "$s" "$idle" "$idle_out"; then
+            say "round $r $s $wl: could not open $idle idle connections, see $idle_out.log"
+            settle "$s" "$procs"
+            echo "$r,$s,$wl,0,0,0,0,0,0,0,0,0,0,idlers-failed,0,0,$conns,$idle,0" >>"$CSV"
+            return
+        fi
+    fi
     quiet
     read -r c0 b0 all0 n0 <<<"$($REPORT ticks "${PID[$s]}")"
     t0=$(date +%s.%N)
-    fio --name="$wl" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \
-        --numjobs=1 --size="$IMG_BYTES" --time_based --runtime="$RUNTIME" \
-        --ramp_time="$RAMP" --norandommap --randrepeat=0 \
-        --output-format=json --output="$out" >"$out.log" 2>&1
+    # fio's nbd engine opens one connection per job; group_reporting
+    # merges the jobs' figures (and latency histograms) into one. A server
+    # that accepts slowly (nbd-server: a backlog of 10) can drop a burst of
+    # connections after the client saw them established, and the client
+    # then waits for ever for a greeting, deaf to SIGTERM: a watchdog kills
+    # fio and its jobs (each in a session of its own, so by pid) after
+    # FIO_GRACE, which makes it a failed run; STAGGER_MS can spread the
+    # connects.
+    [ "$conns" -gt 1 ] && [ "$STAGGER_MS" -gt 0 ] &&
+        stagger=(--startdelay="0-$(((conns - 1) * STAGGER_MS))ms")
+    setsid fio --name="$wl" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \
+        --numjobs="$conns" --group_reporting --size="$IMG_BYTES" --time_based --runtime="$RUNTIME" \
+        --ramp_time="$RAMP" --norandommap --randrepeat=0 --percentile_list=50:99:99.9 "${stagger[@]}" \
+        --output-format=json --output="$out" >"$out.log" 2>&1 </dev/null &
+    FIO_PID=$!
+    setsid bash -c 'sleep "$1"; kill -KILL $(ps -o pid= --ppid "$2") "$2"' watchdog $((RAMP + RUNTIME + FIO_GRACE)) "$FIO_PID" \
+        >/dev/null 2>&1 </dev/null &
+    WATCHDOG=$!
+    wait "$FIO_PID"
     rc=$?
     t1=$(date +%s.%N)
+    kill -KILL -- -"$WATCHDOG" 2>/dev/null
+    wait "$WATCHDOG" 2>/dev/null
+    WATCHDOG=
+    FIO_PID=
     # A forking server (nbd-server) serves the connection in a child; wait
     # for it to be reaped so its CPU shows up in the parent's cutime/cstime.
     for w in $(seq 20); do
@@ -308,12 +524,19 @@ measure() {
         [ "$n1" -le "$n0" ] && break
         sleep 0.1
     done
+    if [ "$idle" -gt 0 ]; then
+        stop_idlers
+        idle_open=$(grep -o '"open":[0-9]*' "$idle_out" | cut -d: -f2)
+        idle_open=${idle_open:-0}
+        rm -f "$idle_out.ready"
+        settle "$s" "$procs"
+    fi
     if [ $rc -ne 0 ] || [ ! -s "$out" ]; then
         say "round $r $s $wl: fio failed (rc $rc), see $out.log"
-        echo "$r,$s,$wl,0,0,0,0,0,0,0,0,0,0,fio-rc-$rc" >>"$CSV"
+        echo "$r,$s,$wl,0,0,0,0,0,0,0,0,0,0,fio-rc-$rc,0,0,$conns,$idle,$idle_open" >>"$CSV"
         return
     fi
-    read -r iops mibps lat p99 fcpu ferr <<<"$($REPORT fio "$out")"
+    read -r iops mibps lat p99 fcpu ferr p50 p999 <<<"$($REPORT fio "$out")"
     # other: what the rest of the machine used meanwhile (busy minus server
     # and fio), a measure of how disturbed the run was.
     read -r wall cpu per busy other <<<"$(awk -v t0="$t0" -v t1="$t1" -v c="$((c1 - c0))" \
@@ -327,9 +550,12 @@ measure() {
             if (other < 0) other = 0
             printf "%.2f %.1f %.2f %.1f %.1f\n", wall, cpu, per, busy, other
         }')"
-    echo "$r,$s,$wl,$iops,$mibps,$lat,$p99,$cpu,$per,$fcpu,$busy,$other,$wall,$ferr" >>"$CSV"
-    say "$(printf 'round %d %-10s %-9s %9.0f IOPS %7.0f MiB/s  server %3.0f%% of a core, %5.1f µs/op; others %3.0f%%' \
-        "$r" "$s" "$wl" "$iops" "$mibps" "$cpu" "$per" "$other")"
+    echo "$r,$s,$wl,$iops,$mibps,$lat,$p99,$cpu,$per,$fcpu,$busy,$other,$wall,$ferr,$p50,$p999,$conns,$idle,$idle_open" >>"$CSV"
+    say "$(printf 'round %d %-10s %-9s %9.0f IOPS %7.0f MiB/s  p99 %6.0f µs  server %3.0f%% of a core, %5.1f µs/op; others %3.0f%%' \
+        "$r" "$s" "$wl" "$iops" "$mibps" "$p99" "$cpu" "$per" "$other")"
+    if [ "$idle" -gt 0 ] && [ "$idle_open" -lt "$idle" ]; then
+        say "round $r $s $wl: the server closed $((idle - idle_open)) of $idle idle connections"
+    fi
 }
 
 # --- the run -----------------------------------------------------------------
@@ -337,7 +563,7 @@ measure() {
 DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
 LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 say "results go to $OUT"
-say "servers: ${ACTIVE[*]}; workloads: $WORKLOADS; $ROUNDS rounds of ${RUNTIME}s (+${RAMP}s ramp)"
+say "servers: ${ACTIVE[*]}; workloads: $WL_LIST; $ROUNDS rounds of ${RUNTIME}s (+${RAMP}s ramp)"
 
 n=${#ACTIVE[@]}
 for r in $(seq 1 "$ROUNDS"); do
@@ -355,7 +581,7 @@ for r in $(seq 1 "$ROUNDS"); do
             stop "$s"
         fi
     done
-    for wl in $WORKLOADS; do
+    for wl in $(round_order "$r"); do
         for s in "${up[@]}"; do
             measure "$r" "$s" "$wl"
         done
@@ -368,7 +594,7 @@ LOAD1=$(cut -d' ' -f1-3 /proc/loadavg)
 
 version() {
     case $1 in
-    flexnbd) echo "flexnbd $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?')" ;;
+    flexnbd | flexnbd-metrics) echo "flexnbd $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?')" ;;
     nbdkit) nbdkit --version 2>/dev/null | head -n1 ;;
     qemu-nbd) qemu-nbd --version 2>/dev/null | head -n1 ;;
     nbd-server) nbd-server -V 2>&1 | grep -o 'version.*' | sed 's/^/nbd-server /' ;;
@@ -380,7 +606,7 @@ version() {
     echo
     echo "- command: \`$INVOCATION\` (scripts/bench.sh)"
     echo "- kernel: $(uname -r); CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(nproc) cores"
-    echo "- $(fio --version): nbd engine, 1 job, 1 connection, ${RUNTIME}s + ${RAMP}s ramp per run; data: $IMG_BYTES bytes of random data in the page cache"
+    echo "- $(fio --version): nbd engine, one job (one connection) per connection of the workload, ${RUNTIME}s + ${RAMP}s ramp per run; data: $IMG_BYTES bytes of random data in the page cache"
     echo "- servers: $(for s in "${ACTIVE[@]}"; do printf '%s; ' "$(version "$s")"; done | sed 's/; $//')"
     [ ${#SKIPPED[@]} -gt 0 ] && echo "- not installed, skipped: ${SKIPPED[*]}"
     echo "- load average before / after: $LOAD0 / $LOAD1"
