@@ -184,6 +184,7 @@ func runInstance(inst *instance, l net.Listener, sock string, thenServe bool, si
 			srv.Close()
 			<-serveErr
 			ctlShutdown(ctl, log)
+			markHandedOff(log)
 			return nil
 		}
 	}
