@@ -135,6 +135,20 @@ func TestUnixSocket(t *testing.T) {
 	assert.Equal(t, 1, d.Wait(t), "stopped before any migration")
 }
 
+// A relative --unix path is printed absolute: the URI is for clients,
+// whose working directory is not the server's.
+func TestPrintURIRelativeUnixSocket(t *testing.T) {
+	dir := t.TempDir()
+	cmd := exec.Command(flexnbdBin, "serve", "--unix", "rel.sock", "-f", scratch(t, 64<<10, nil), "--print-uri")
+	cmd.Dir = dir
+	p := testproc.StartCmd(t, cmd)
+	uri := printedURI(t, p)
+	assert.Equal(t, "nbd+unix:///?socket="+strings.ReplaceAll(filepath.Join(dir, "rel.sock"), "/", "%2F"), uri)
+	assert.Equal(t, uint64(64<<10), nbdinfo(t, uri)[0].Size)
+	p.Signal(t, syscall.SIGTERM)
+	assert.Zero(t, p.Wait(t))
+}
+
 // The listening flags: exactly one of TCP and Unix, one line and exit 1
 // otherwise; the same for the URI of read and write.
 func TestListenFlagErrors(t *testing.T) {

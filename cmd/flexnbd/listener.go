@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -112,6 +113,13 @@ func uri(l net.Listener, exportName string) string {
 			}
 		}
 		u.Address = net.JoinHostPort(host, strconv.Itoa(tcp.Port))
+	}
+	// Clients do not share the server's working directory; an abstract
+	// socket ("@name") has no directory at all.
+	if u.Network == "unix" && !filepath.IsAbs(u.Address) && !strings.HasPrefix(u.Address, "@") {
+		if abs, err := filepath.Abs(u.Address); err == nil {
+			u.Address = abs
+		}
 	}
 	return u.String()
 }
