@@ -149,6 +149,33 @@ func TestPrintURIRelativeUnixSocket(t *testing.T) {
 	assert.Zero(t, p.Wait(t))
 }
 
+// A start-up that fails once the NBD socket exists (here on a metrics
+// address that cannot be listened on) removes the socket file again, in
+// every mode that listens.
+func TestFailedStartRemovesTheUnixSocket(t *testing.T) {
+	for _, mode := range [][]string{
+		{"serve", "-f", scratch(t, 64<<10, nil)},
+		{"listen", "-f", scratch(t, 64<<10, nil)},
+		{"proxy", "-C", "127.0.0.1", "-P", "1"},
+	} {
+		t.Run(mode[0], func(t *testing.T) {
+			sock := filepath.Join(t.TempDir(), "nbd.sock")
+			res := runCLI(t, nil, append(mode, "--unix", sock, "--metrics", "127.0.0.1:99999")...)
+			assert.Equal(t, 1, res.code)
+			assert.Contains(t, requireOneLine(t, res.stderr), "99999")
+			assert.NoFileExists(t, sock)
+		})
+	}
+	t.Run("control socket", func(t *testing.T) {
+		sock := filepath.Join(t.TempDir(), "nbd.sock")
+		res := runCLI(t, nil, "serve", "-f", scratch(t, 64<<10, nil), "--unix", sock,
+			"-s", filepath.Join(t.TempDir(), "missing", "ctl.sock"))
+		assert.Equal(t, 1, res.code)
+		requireOneLine(t, res.stderr)
+		assert.NoFileExists(t, sock)
+	})
+}
+
 // The listening flags: exactly one of TCP and Unix, one line and exit 1
 // otherwise; the same for the URI of read and write.
 func TestListenFlagErrors(t *testing.T) {
