@@ -176,6 +176,28 @@ func TestFailedStartRemovesTheUnixSocket(t *testing.T) {
 	})
 }
 
+// A Unix socket path given as --addr takes --port 0, the port the C
+// tools pass when there is none, as it did before --port could be told
+// absent; any other port is an error.
+func TestUnixAddrWithPortZero(t *testing.T) {
+	for _, mode := range [][]string{
+		{"proxy", "-C", "127.0.0.1", "-P", "1"},
+		{"serve", "-f", scratch(t, 64<<10, nil)},
+	} {
+		t.Run(mode[0], func(t *testing.T) {
+			sock := filepath.Join(t.TempDir(), "nbd.sock")
+			p := testproc.Start(t, "", flexnbdBin, append(mode, "--addr", sock, "--port", "0", "--print-uri")...)
+			assert.Equal(t, "nbd+unix:///?socket="+strings.ReplaceAll(sock, "/", "%2F"), printedURI(t, p))
+			p.Signal(t, syscall.SIGTERM)
+			assert.Zero(t, p.Wait(t))
+
+			res := runCLI(t, nil, append(mode, "--addr", sock, "--port", "10809")...)
+			assert.Equal(t, 1, res.code)
+			assert.Contains(t, requireOneLine(t, res.stderr), "--port")
+		})
+	}
+}
+
 // The listening flags: exactly one of TCP and Unix, one line and exit 1
 // otherwise; the same for the URI of read and write.
 func TestListenFlagErrors(t *testing.T) {

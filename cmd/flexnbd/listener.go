@@ -49,7 +49,8 @@ func (f *listenFlags) listen() (net.Listener, error) {
 	case f.Unix != "" && (f.Addr != "" || f.Port != nil):
 		return nil, errors.New("--unix does not go with --addr or --port")
 	case f.Unix == "" && strings.HasPrefix(f.Addr, "/"):
-		if f.Port != nil {
+		// The C tools pass port 0 along with a socket path.
+		if f.Port != nil && *f.Port != 0 {
 			return nil, errors.New("--port does not go with a Unix socket path")
 		}
 		path = f.Addr
