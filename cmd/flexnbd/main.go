@@ -46,6 +46,7 @@ func main() {
 	// Installed as a link named flexnbd-proxy, it is the proxy mode.
 	if filepath.Base(os.Args[0]) == "flexnbd-proxy" {
 		args = append([]string{"proxy"}, args...)
+		progName = "flexnbd-proxy"
 	}
 	os.Exit(run(cacheDefault(args)))
 }
@@ -82,16 +83,19 @@ func cacheDefault(args []string) []string {
 	return out
 }
 
+// progName prefixes error messages: the name the user typed.
+var progName = "flexnbd"
+
 func run(args []string) int {
 	var c cli
 	parser, err := newParser(&c)
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "flexnbd: %v\n", err)
+		fmt.Fprintf(os.Stderr, "%s: %v\n", progName, err)
 		return 1
 	}
 	ctx, err := parser.Parse(args)
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "flexnbd: %v\n", err)
+		fmt.Fprintf(os.Stderr, "%s: %v\n", progName, err)
 		return 1
 	}
 	if err := ctx.Run(parser); err != nil {
@@ -102,7 +106,7 @@ func run(args []string) int {
 			}
 			return ee.code
 		}
-		fmt.Fprintf(os.Stderr, "flexnbd: %v\n", err)
+		fmt.Fprintf(os.Stderr, "%s: %v\n", progName, err)
 		return 1
 	}
 	return 0
