@@ -24,16 +24,25 @@ UNITS     := $(wildcard contrib/systemd/*.service contrib/systemd/*.socket)
 # module does not depend on nfpm's dependencies.
 NFPM      ?= $(GO) run github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.45.2
 DEBDIR    ?= bin
+# make deb's staging tree and binary, made afresh each time.
+DEBBUILD  ?= build
 
 .PHONY: all build test vet fmt-check race unit fuzz soak bench bench-migrate bench-proxy serve man install clean
-.PHONY: uninstall deb
+.PHONY: uninstall deb FORCE
 .PHONY: bench-scale
 
 all: build
 
 build: $(BIN)
 
-$(BIN): $(GOFILES) go.mod go.sum
+# The version is a prerequisite through a stamp beside the binary, rewritten
+# only when it differs: a new tag or VERSION=... rebuilds, an unchanged one
+# does not.
+$(BIN).version: FORCE
+	@mkdir -p $(dir $@)
+	@echo '$(VERSION)' | cmp -s - $@ || echo '$(VERSION)' > $@
+
+$(BIN): $(GOFILES) go.mod go.sum $(BIN).version
 	$(GO) build -ldflags "$(if $(VERSION),-X main.version=$(VERSION))" -o $(BIN) ./cmd/flexnbd
 
 # The whole test suite: static checks, then every test under the race
@@ -135,12 +144,13 @@ uninstall:
 # A Debian package of what install puts under PREFIX=/usr, the binary
 # built without cgo so that it depends on no library; written to DEBDIR.
 deb:
-	rm -rf build/deb
-	CGO_ENABLED=0 $(MAKE) install BIN=build/deb-bin/flexnbd DESTDIR=$(CURDIR)/build/deb PREFIX=/usr \
-		ZSHCOMPDIR=/usr/share/zsh/vendor-completions
+	rm -rf $(DEBBUILD)/deb $(DEBBUILD)/deb-bin $(DEBBUILD)/nfpm.yaml
+	CGO_ENABLED=0 $(MAKE) install BIN=$(DEBBUILD)/deb-bin/flexnbd DESTDIR=$(abspath $(DEBBUILD))/deb PREFIX=/usr \
+		ZSHCOMPDIR=/usr/share/zsh/vendor-completions VERSION='$(VERSION)'
 	mkdir -p $(DEBDIR)
+	sed 's|src: build/deb/|src: $(abspath $(DEBBUILD))/deb/|' packaging/nfpm.yaml > $(DEBBUILD)/nfpm.yaml
 	DEB_VERSION=$$(scripts/deb-version '$(VERSION)') DEB_ARCH=$$($(GO) env GOARCH) \
-		$(NFPM) package --config packaging/nfpm.yaml --packager deb --target $(DEBDIR)/
+		$(NFPM) package --config $(DEBBUILD)/nfpm.yaml --packager deb --target $(DEBDIR)/
 
 clean:
 	rm -rf bin build

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"net/url"
 	"strconv"
 	"strings"
@@ -73,7 +74,7 @@ func ParseURI(s string) (URI, error) {
 	if len(out.ExportName) > MaxStringLen {
 		return URI{}, fmt.Errorf("nbd: URI: export name of %d bytes, over %d", len(out.ExportName), MaxStringLen)
 	}
-	q, err := url.ParseQuery(u.RawQuery)
+	q, err := parseQuery(u.RawQuery)
 	if err != nil {
 		return URI{}, fmt.Errorf("nbd: URI: query: %w", err)
 	}
@@ -118,7 +119,8 @@ func ParseURI(s string) (URI, error) {
 	}
 	if strings.HasPrefix(u.Host, "[") {
 		// Brackets hold an IPv6 literal, or nothing the dialer takes.
-		if ip := net.ParseIP(strings.SplitN(host, "%", 2)[0]); ip == nil || ip.To4() != nil {
+		// netip keeps ::ffff:1.2.3.4 as the IPv6 address it is written as.
+		if ip, err := netip.ParseAddr(host); err != nil || !ip.Is6() {
 			return URI{}, fmt.Errorf("nbd: URI: %q in brackets is not an IPv6 address", host)
 		}
 	}
@@ -133,7 +135,7 @@ func (u URI) String() string {
 	switch u.Network {
 	case "unix":
 		v.Scheme = "nbd+unix"
-		v.RawQuery = url.Values{"socket": {u.Address}}.Encode()
+		v.RawQuery = "socket=" + escapeQueryValue(u.Address)
 		// url.URL writes no "//" without a host unless the path starts
 		// with one, and the empty authority is part of the form.
 		return v.Scheme + "://" + v.EscapedPath() + "?" + v.RawQuery
@@ -142,4 +144,49 @@ func (u URI) String() string {
 		v.Host = u.Address
 		return v.String()
 	}
+}
+
+// parseQuery splits a query on "&" and "=" and percent-decodes its keys
+// and values as a URI does, unlike url.ParseQuery, which reads a form:
+// libnbd and qemu take "+" for a plus, so socket=/tmp/c++.sock is that
+// path.
+func parseQuery(raw string) (map[string][]string, error) {
+	q := make(map[string][]string)
+	for _, part := range strings.Split(raw, "&") {
+		if part == "" {
+			continue
+		}
+		k, v, _ := strings.Cut(part, "=")
+		key, err := url.PathUnescape(k)
+		if err != nil {
+			return nil, err
+		}
+		val, err := url.PathUnescape(v)
+		if err != nil {
+			return nil, err
+		}
+		q[key] = append(q[key], val)
+	}
+	return q, nil
+}
+
+// escapeQueryValue percent-encodes all but the unreserved characters, so
+// that a space is %20, never the form encoding's "+", and "+", "&" and
+// "=" keep their meaning for every reader.
+func escapeQueryValue(s string) string {
+	const hex = "0123456789ABCDEF"
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9',
+			c == '-', c == '.', c == '_', c == '~':
+			b.WriteByte(c)
+		default:
+			b.WriteByte('%')
+			b.WriteByte(hex[c>>4])
+			b.WriteByte(hex[c&15])
+		}
+	}
+	return b.String()
 }

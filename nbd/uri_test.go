@@ -29,6 +29,12 @@ var uriCases = []struct {
 	{"unix no path", "nbd+unix://?socket=%2Frun%2Fa%20b", URI{"unix", "/run/a b", ""}},
 	{"unix abstract", "nbd+unix:///?socket=%00/abstract", URI{"unix", "\x00/abstract", ""}},
 	{"slashes and query chars in name", "nbd://h/a/b%3Fc%23d", URI{"tcp", "h:10809", "a/b?c#d"}},
+	// libnbd and qemu read a query as a URI, not a form: "+" is a plus.
+	{"plus in socket", "nbd+unix:///?socket=/tmp/c++.sock", URI{"unix", "/tmp/c++.sock", ""}},
+	{"encoded plus and space in socket", "nbd+unix:///?socket=/tmp/a%2Bb%20c", URI{"unix", "/tmp/a+b c", ""}},
+	{"plus in name", "nbd://h/a+b", URI{"tcp", "h:10809", "a+b"}},
+	{"equals in socket", "nbd+unix:///?x-a=&socket=/tmp/a=b", URI{"unix", "/tmp/a=b", ""}},
+	{"ipv4-mapped ipv6", "nbd://[::ffff:1.2.3.4]/", URI{"tcp", "[::ffff:1.2.3.4]:10809", ""}},
 }
 
 func TestParseURI(t *testing.T) {
@@ -88,7 +94,8 @@ func TestURIString(t *testing.T) {
 	}{
 		{URI{"tcp", "127.0.0.1:10809", ""}, "nbd://127.0.0.1:10809/"},
 		{URI{"tcp", "[::1]:7", "a b"}, "nbd://[::1]:7/a%20b"},
-		{URI{"unix", "/run/flexnbd/vm 1.sock", "vm1"}, "nbd+unix:///vm1?socket=%2Frun%2Fflexnbd%2Fvm+1.sock"},
+		{URI{"unix", "/run/flexnbd/vm 1.sock", "vm1"}, "nbd+unix:///vm1?socket=%2Frun%2Fflexnbd%2Fvm%201.sock"},
+		{URI{"unix", "/tmp/c++ & d=e.sock", ""}, "nbd+unix:///?socket=%2Ftmp%2Fc%2B%2B%20%26%20d%3De.sock"},
 		{URI{"unix", "s", "/x"}, "nbd+unix:////x?socket=s"},
 	} {
 		require.Equal(t, tt.want, tt.in.String())

@@ -437,7 +437,10 @@ func TestRunAsFlexnbdProxy(t *testing.T) {
 	assert.Contains(t, stdout, "--conn-port")
 	_, stderr, code = testproc.Run(t, nil, link, "-l", "127.0.0.1", "-p", "1")
 	assert.Equal(t, 1, code)
-	assert.Equal(t, "flexnbd: missing flags: --conn-addr=STRING\n", stderr)
+	assert.Equal(t, "flexnbd-proxy: missing flags: --conn-addr=STRING\n", stderr, "named as it was called")
+	_, stderr, code = testproc.Run(t, nil, link, "-l", "127.0.0.1", "-p", "1", "-C", "127.0.0.1", "-P", "1", "--cache=1,5M")
+	assert.Equal(t, 1, code)
+	assert.True(t, strings.HasPrefix(stderr, "flexnbd-proxy: --cache: "), stderr)
 }
 
 // With fewer descriptors than --max-clients needs, serve lowers the limit

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"unicode"
 
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
@@ -125,13 +126,21 @@ func decodeEvent(p []byte) ([]eventField, error) {
 		var s string
 		if len(raw) > 0 && raw[0] == '"' && json.Unmarshal(raw, &s) == nil {
 			value = s
-			if key != zerolog.MessageFieldName && (s == "" || strings.ContainsAny(s, " \t\n\"")) {
+			// Clients supply some strings (export names): raw control
+			// characters would let them forge lines on a terminal.
+			if hasControl(s) || key != zerolog.MessageFieldName && (s == "" || strings.ContainsAny(s, " \"")) {
 				value = strconv.Quote(s)
 			}
 		}
 		fields = append(fields, eventField{key, value})
 	}
 	return fields, nil
+}
+
+// hasControl reports whether s holds a control character: C0, DEL or
+// C1. (Bytes that are not UTF-8 arrive as U+FFFD: zerolog replaces them.)
+func hasControl(s string) bool {
+	return strings.IndexFunc(s, unicode.IsControl) >= 0
 }
 
 // shortCaller keeps the package directory and file of a caller, the part

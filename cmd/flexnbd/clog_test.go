@@ -51,6 +51,25 @@ func TestCLogLine(t *testing.T) {
 	}
 }
 
+// Strings a client chose (an export name) are quoted when they hold
+// control characters, message included: a CR or an escape sequence must
+// not forge or repaint lines on the terminal that shows the log.
+func TestCLogEscapesControlCharacters(t *testing.T) {
+	var buf bytes.Buffer
+	log := zerolog.New(newCLogWriter(&buf)).With().Caller().Logger()
+	log.Info().Str("export", "vm1\r1:I:1 0x1 x.go:1: forged").Str("name", "\x1b[2Jx").
+		Str("c1", "a\u009bb").Msg("unknown export\nforged")
+	line := buf.String()
+	require.True(t, strings.HasSuffix(line, "\n"))
+	line = strings.TrimSuffix(line, "\n")
+	for _, r := range line {
+		require.False(t, r < 0x20 || r == 0x7f || r >= 0x80 && r <= 0x9f, "raw control %q in %q", r, line)
+	}
+	m := cLine.FindStringSubmatch(line)
+	require.NotNil(t, m, line)
+	assert.Equal(t, `"unknown export\nforged" export="vm1\r1:I:1 0x1 x.go:1: forged" name="\x1b[2Jx" c1="a\u009bb"`, m[7])
+}
+
 // A serve with --log-format c writes nothing but C lines, from its start
 // to its stop.
 func TestServeLogsInTheCFormat(t *testing.T) {

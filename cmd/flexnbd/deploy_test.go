@@ -135,6 +135,69 @@ func TestUnixSocket(t *testing.T) {
 	assert.Equal(t, 1, d.Wait(t), "stopped before any migration")
 }
 
+// A relative --unix path is printed absolute: the URI is for clients,
+// whose working directory is not the server's.
+func TestPrintURIRelativeUnixSocket(t *testing.T) {
+	dir := t.TempDir()
+	cmd := exec.Command(flexnbdBin, "serve", "--unix", "rel.sock", "-f", scratch(t, 64<<10, nil), "--print-uri")
+	cmd.Dir = dir
+	p := testproc.StartCmd(t, cmd)
+	uri := printedURI(t, p)
+	assert.Equal(t, "nbd+unix:///?socket="+strings.ReplaceAll(filepath.Join(dir, "rel.sock"), "/", "%2F"), uri)
+	assert.Equal(t, uint64(64<<10), nbdinfo(t, uri)[0].Size)
+	p.Signal(t, syscall.SIGTERM)
+	assert.Zero(t, p.Wait(t))
+}
+
+// A start-up that fails once the NBD socket exists (here on a metrics
+// address that cannot be listened on) removes the socket file again, in
+// every mode that listens.
+func TestFailedStartRemovesTheUnixSocket(t *testing.T) {
+	for _, mode := range [][]string{
+		{"serve", "-f", scratch(t, 64<<10, nil)},
+		{"listen", "-f", scratch(t, 64<<10, nil)},
+		{"proxy", "-C", "127.0.0.1", "-P", "1"},
+	} {
+		t.Run(mode[0], func(t *testing.T) {
+			sock := filepath.Join(t.TempDir(), "nbd.sock")
+			res := runCLI(t, nil, append(mode, "--unix", sock, "--metrics", "127.0.0.1:99999")...)
+			assert.Equal(t, 1, res.code)
+			assert.Contains(t, requireOneLine(t, res.stderr), "99999")
+			assert.NoFileExists(t, sock)
+		})
+	}
+	t.Run("control socket", func(t *testing.T) {
+		sock := filepath.Join(t.TempDir(), "nbd.sock")
+		res := runCLI(t, nil, "serve", "-f", scratch(t, 64<<10, nil), "--unix", sock,
+			"-s", filepath.Join(t.TempDir(), "missing", "ctl.sock"))
+		assert.Equal(t, 1, res.code)
+		requireOneLine(t, res.stderr)
+		assert.NoFileExists(t, sock)
+	})
+}
+
+// A Unix socket path given as --addr takes --port 0, the port the C
+// tools pass when there is none, as it did before --port could be told
+// absent; any other port is an error.
+func TestUnixAddrWithPortZero(t *testing.T) {
+	for _, mode := range [][]string{
+		{"proxy", "-C", "127.0.0.1", "-P", "1"},
+		{"serve", "-f", scratch(t, 64<<10, nil)},
+	} {
+		t.Run(mode[0], func(t *testing.T) {
+			sock := filepath.Join(t.TempDir(), "nbd.sock")
+			p := testproc.Start(t, "", flexnbdBin, append(mode, "--addr", sock, "--port", "0", "--print-uri")...)
+			assert.Equal(t, "nbd+unix:///?socket="+strings.ReplaceAll(sock, "/", "%2F"), printedURI(t, p))
+			p.Signal(t, syscall.SIGTERM)
+			assert.Zero(t, p.Wait(t))
+
+			res := runCLI(t, nil, append(mode, "--addr", sock, "--port", "10809")...)
+			assert.Equal(t, 1, res.code)
+			assert.Contains(t, requireOneLine(t, res.stderr), "--port")
+		})
+	}
+}
+
 // The listening flags: exactly one of TCP and Unix, one line and exit 1
 // otherwise; the same for the URI of read and write.
 func TestListenFlagErrors(t *testing.T) {

@@ -65,6 +65,7 @@ func (c *ListenCmd) Run() error {
 	inst.onReady = func() { c.printURI(l, c.ExportName) }
 	stopMetrics, err := c.serveInstance(inst)
 	if err != nil {
+		l.Close() // removes a Unix socket file
 		return err
 	}
 	defer stopMetrics()

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -48,7 +49,8 @@ func (f *listenFlags) listen() (net.Listener, error) {
 	case f.Unix != "" && (f.Addr != "" || f.Port != nil):
 		return nil, errors.New("--unix does not go with --addr or --port")
 	case f.Unix == "" && strings.HasPrefix(f.Addr, "/"):
-		if f.Port != nil {
+		// The C tools pass port 0 along with a socket path.
+		if f.Port != nil && *f.Port != 0 {
 			return nil, errors.New("--port does not go with a Unix socket path")
 		}
 		path = f.Addr
@@ -112,6 +114,13 @@ func uri(l net.Listener, exportName string) string {
 			}
 		}
 		u.Address = net.JoinHostPort(host, strconv.Itoa(tcp.Port))
+	}
+	// Clients do not share the server's working directory; an abstract
+	// socket ("@name") has no directory at all.
+	if u.Network == "unix" && !filepath.IsAbs(u.Address) && !strings.HasPrefix(u.Address, "@") {
+		if abs, err := filepath.Abs(u.Address); err == nil {
+			u.Address = abs
+		}
 	}
 	return u.String()
 }

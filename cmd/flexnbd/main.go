@@ -46,35 +46,56 @@ func main() {
 	// Installed as a link named flexnbd-proxy, it is the proxy mode.
 	if filepath.Base(os.Args[0]) == "flexnbd-proxy" {
 		args = append([]string{"proxy"}, args...)
+		progName = "flexnbd-proxy"
 	}
 	os.Exit(run(cacheDefault(args)))
 }
 
 // cacheDefault gives a bare --cache of the proxy its default size, as the
-// C flexnbd-proxy's --cache[=BYTES] does; kong has no optional values.
+// C flexnbd-proxy's --cache[=BYTES] does, and joins "--cache SIZE" into
+// one word; kong has no optional values.
 func cacheDefault(args []string) []string {
 	if len(args) == 0 || args[0] != "proxy" {
 		return args
 	}
-	out := append([]string(nil), args...)
-	for i, a := range out {
-		if a == "--cache" {
-			out[i] = "--cache=" + strconv.Itoa(defaultProxyCache)
+	out := make([]string, 0, len(args))
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if a == "--" {
+			return append(out, args[i:]...)
 		}
+		if a != "--cache" {
+			out = append(out, a)
+			continue
+		}
+		// "--cache 1M" is written too: a following word that is a
+		// size is the value. The proxy takes no positional arguments
+		// for it to steal.
+		if i+1 < len(args) {
+			if _, err := parseSize(args[i+1]); err == nil {
+				out = append(out, "--cache="+args[i+1])
+				i++
+				continue
+			}
+		}
+		out = append(out, "--cache="+strconv.Itoa(defaultProxyCache))
 	}
 	return out
 }
+
+// progName prefixes error messages: the name the user typed.
+var progName = "flexnbd"
 
 func run(args []string) int {
 	var c cli
 	parser, err := newParser(&c)
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "flexnbd: %v\n", err)
+		fmt.Fprintf(os.Stderr, "%s: %v\n", progName, err)
 		return 1
 	}
 	ctx, err := parser.Parse(args)
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "flexnbd: %v\n", err)
+		fmt.Fprintf(os.Stderr, "%s: %v\n", progName, err)
 		return 1
 	}
 	if err := ctx.Run(parser); err != nil {
@@ -85,7 +106,7 @@ func run(args []string) int {
 			}
 			return ee.code
 		}
-		fmt.Fprintf(os.Stderr, "flexnbd: %v\n", err)
+		fmt.Fprintf(os.Stderr, "%s: %v\n", progName, err)
 		return 1
 	}
 	return 0

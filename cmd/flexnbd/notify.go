@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
+	"github.com/dustin/go-humanize"
 	"github.com/rs/zerolog"
 )
 
@@ -72,11 +73,12 @@ func instanceStatus(inst *instance) string {
 		} else if size > 0 {
 			percent = 0
 		}
-		return fmt.Sprintf("migrating to %s: pass %d, %d%% done, %d bytes left", ms.Target, ms.Pass, percent, ms.BytesLeft)
+		// People read this line: sizes with units, as size_human.
+		return fmt.Sprintf("migrating to %s: pass %d, %d%% done, %s left", ms.Target, ms.Pass, percent, humanize.IBytes(ms.BytesLeft))
 	}
 	if inst.dest != nil && !inst.dest.HasControl() {
 		if st.Clients > 0 {
-			return fmt.Sprintf("receiving a migration: %d bytes written", st.BytesWritten)
+			return fmt.Sprintf("receiving a migration: %s written", humanize.IBytes(st.BytesWritten))
 		}
 		return "waiting for a migration"
 	}

@@ -46,8 +46,8 @@ func TestNotifyStatusThroughAMigration(t *testing.T) {
 		Target: target, Action: control.ActionNothing, MaxBytesPerSecond: control.NoSpeedLimit,
 	}))
 	require.Eventually(t, srcFile.Server.Held, ctlTimeout, time.Millisecond, "the freeze")
-	assert.Regexp(t, `^migrating to `+dst.Addr+`: pass [1-9][0-9]*, [0-9]+% done, [0-9]+ bytes left$`, instanceStatus(srcInst))
-	assert.Regexp(t, `^receiving a migration: [1-9][0-9]* bytes written$`, instanceStatus(dstInst))
+	assert.Regexp(t, `^migrating to `+dst.Addr+`: pass [1-9][0-9]*, [0-9]+% done, [0-9.]+ (B|KiB|MiB) left$`, instanceStatus(srcInst))
+	assert.Regexp(t, `^receiving a migration: [1-9][0-9.]* (B|KiB|MiB) written$`, instanceStatus(dstInst))
 
 	close(be.release)
 	released = true

@@ -20,8 +20,8 @@ type remoteFlags struct {
 	URI  string `arg:"" optional:"" name:"uri" help:"The export as an NBD URI (nbd://host[:port][/export], nbd+unix:///export?socket=PATH), in place of --addr and --port."`
 	Addr string `short:"l" help:"Server address."`
 	Port uint16 `short:"p" help:"Server port."`
-	From uint64 `short:"F" type:"size" required:"" help:"Offset of the first byte."`
-	Size uint64 `short:"S" type:"size" required:"" help:"Number of bytes (at most 1 GiB)."`
+	From uint64 `short:"F" type:"size" required:"" placeholder:"SIZE" help:"Offset of the first byte."`
+	Size uint64 `short:"S" type:"size" required:"" placeholder:"SIZE" help:"Number of bytes (at most 1 GiB)."`
 	Bind string `short:"b" help:"Local address to connect from."`
 	LogFlags
 }

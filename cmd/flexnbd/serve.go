@@ -98,6 +98,7 @@ func (c *ServeCmd) Run() error {
 	inst.onReady = func() { c.printURI(l, c.ExportName) }
 	stopMetrics, err := c.serveInstance(inst)
 	if err != nil {
+		l.Close() // removes a Unix socket file
 		return err
 	}
 	defer stopMetrics()
@@ -184,6 +185,7 @@ func runInstance(inst *instance, l net.Listener, sock string, thenServe bool, si
 			srv.Close()
 			<-serveErr
 			ctlShutdown(ctl, log)
+			markHandedOff(log)
 			return nil
 		}
 	}

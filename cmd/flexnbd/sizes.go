@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"math/big"
 	"reflect"
 	"strconv"
 	"strings"
@@ -19,14 +20,40 @@ func parseSize(s string) (uint64, error) {
 	if n, err := strconv.ParseUint(t, 10, 64); err == nil {
 		return n, nil
 	}
-	if bareUnit(t) {
-		t += "iB"
+	bad := fmt.Errorf("%q is not a size (bytes, or a number with a unit: 512K, 1G, 1GiB, 1GB)", s)
+	// The number is read here rather than by humanize, which drops
+	// commas (1,5G would be 15 GiB) and rounds fractions of a byte down.
+	i := strings.IndexFunc(t, func(r rune) bool { return (r < '0' || r > '9') && r != '.' })
+	if i < 0 {
+		i = len(t)
 	}
-	n, err := humanize.ParseBytes(t)
-	if err != nil || strings.HasPrefix(t, "-") {
-		return 0, fmt.Errorf("%q is not a size (bytes, or a number with a unit: 512K, 1G, 1GiB, 1GB)", s)
+	num, unit := t[:i], strings.TrimSpace(t[i:])
+	if strings.ContainsRune(t, ',') {
+		return 0, fmt.Errorf("%q is not a size: write a decimal point, not a comma", s)
 	}
-	return n, nil
+	n, ok := new(big.Rat).SetString(num)
+	if num == "" || strings.Count(num, ".") > 1 || !ok {
+		return 0, bad
+	}
+	mult := uint64(1)
+	if unit != "" {
+		if len(unit) == 1 && bareUnit("1"+unit) {
+			unit += "iB"
+		}
+		m, err := humanize.ParseBytes("1" + unit)
+		if err != nil {
+			return 0, bad
+		}
+		mult = m
+	}
+	n.Mul(n, new(big.Rat).SetUint64(mult))
+	if !n.IsInt() {
+		return 0, fmt.Errorf("%q is not a whole number of bytes", s)
+	}
+	if !n.Num().IsUint64() {
+		return 0, fmt.Errorf("%q is too large", s)
+	}
+	return n.Num().Uint64(), nil
 }
 
 // bareUnit tells whether s ends with a unit letter alone, after a digit,

@@ -32,6 +32,9 @@ func TestParseSize(t *testing.T) {
 		{"100MB", 100_000_000},
 		{"64KiB", 64 << 10},
 		{"10B", 10},
+		{"0.5K", 512},
+		{"1.25KiB", 1280},
+		{"2.0", 2},
 	}
 	for _, tt := range tests {
 		t.Run(tt.in, func(t *testing.T) {
@@ -40,7 +43,9 @@ func TestParseSize(t *testing.T) {
 			assert.Equal(t, tt.want, got)
 		})
 	}
-	for _, bad := range []string{"", "G", "-1", "-1G", "1X", "lots", "1GG", "0x10"} {
+	for _, bad := range []string{"", "G", "-1", "-1G", "1X", "lots", "1GG", "0x10",
+		// humanize alone reads 1,5G as 15 GiB and rounds 1.9 down to 1.
+		"1,5G", "1,000", "0.5", "1.9", "1.1K", "1.2.3K", "."} {
 		t.Run("bad "+bad, func(t *testing.T) {
 			_, err := parseSize(bad)
 			assert.Error(t, err)
@@ -69,6 +74,8 @@ func TestSizesOnTheCommandLine(t *testing.T) {
 	for _, args := range [][]string{
 		append([]string{"read", "--from", "0", "--size", "1X"}, addr...),
 		append([]string{"read", "--from", "lots", "--size", "1"}, addr...),
+		append([]string{"read", "--from", "1,5M", "--size", "1"}, addr...),
+		append([]string{"read", "--from", "0", "--size", "0.5"}, addr...),
 		{"serve", "-l", "127.0.0.1", "-p", "0", "-f", path, "--max-memory", "1Q"},
 		{"serve", "-l", "127.0.0.1", "-p", "0", "-f", path, "--max-memory", "512K"},
 		{"proxy", "-l", "127.0.0.1", "-p", "1", "-C", "127.0.0.1", "-P", "1", "--cache", "64M"},
@@ -79,4 +86,8 @@ func TestSizesOnTheCommandLine(t *testing.T) {
 		requireOneLine(t, res.stderr)
 	}
 	assert.Zero(t, p.stop(t, syscall.SIGTERM))
+
+	help := runCLI(t, nil, "read", "--help")
+	assert.Contains(t, string(help.stdout), "--from=SIZE")
+	assert.Contains(t, string(help.stdout), "--size=SIZE")
 }

@@ -79,6 +79,18 @@ func expected(t *testing.T, prefix, zshDir string) []string {
 	return paths
 }
 
+// The binary follows VERSION: a new tag, or make VERSION=..., rebuilds it
+// even though no Go file changed.
+func TestVersionChangeRebuilds(t *testing.T) {
+	bin := filepath.Join(t.TempDir(), "flexnbd")
+	for _, v := range []string{"v1.0.0-first", "v1.0.0-second", "v1.0.0-first"} {
+		runMake(t, "build", "BIN="+bin, "VERSION="+v)
+		stdout, stderr, code := testproc.Run(t, nil, bin, "--version")
+		require.Zero(t, code, stderr)
+		assert.True(t, strings.HasPrefix(stdout, "flexnbd "+v+" "), "built at %s: %q", v, stdout)
+	}
+}
+
 func TestMakeInstallAndUninstall(t *testing.T) {
 	dest := t.TempDir()
 	vars := []string{"DESTDIR=" + dest, "PREFIX=/usr/local", "BIN=" + filepath.Join(t.TempDir(), "flexnbd"),
@@ -122,7 +134,11 @@ func TestDebPackage(t *testing.T) {
 		require.NoError(t, err, "%s is needed", tool)
 	}
 	out := t.TempDir()
-	runMake(t, "deb", "DEBDIR="+out, "VERSION=v1.2.3-4-gabcdef0")
+	build := t.TempDir()
+	// A binary a build at another version left where make deb stages
+	// its own must not be what it packages.
+	runMake(t, "build", "BIN="+filepath.Join(build, "deb-bin", "flexnbd"), "VERSION=v0.0.1-stale")
+	runMake(t, "deb", "DEBDIR="+out, "DEBBUILD="+build, "VERSION=v1.2.3-4-gabcdef0")
 	deb := filepath.Join(out, "flexnbd_1.2.3+4+gabcdef0_"+runtime.GOARCH+".deb")
 	require.FileExists(t, deb)
 
