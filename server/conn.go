@@ -565,11 +565,14 @@ func (c *conn) readPayload(p []byte) error {
 		c.setReadDeadline(time.Now().Add(c.srv.cfg.PayloadTimeout))
 		var err error
 		if c.sock != nil {
-			n, err = c.sock.readSome(p)
+			n, err = c.sock.Read(p)
 		} else {
 			n, err = c.br.Read(p)
 		}
 		p = p[n:]
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF // the payload was cut short
+		}
 		if err != nil {
 			return err
 		}

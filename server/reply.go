@@ -274,7 +274,7 @@ func (w *replyWriter) write(batch []*request) {
 	}
 	var err error
 	if w.c.sock != nil {
-		err = w.c.sock.writev(w.iov)
+		_, err = w.c.sock.Writev(w.iov)
 	} else {
 		bufs := w.iov
 		_, err = bufs.WriteTo(w.c.nc)

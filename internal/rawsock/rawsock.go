@@ -95,8 +95,9 @@ func (c *Conn) Write(p []byte) (int, error) {
 	return int(n), err
 }
 
-// maxIovecs bounds one writev; longer lists take several calls.
-const maxIovecs = 64
+// maxIovecs is the kernel's limit on buffers per writev (IOV_MAX); longer
+// lists take several calls.
+const maxIovecs = 1024
 
 // Writev writes every buffer of bufs, in order, with as few system calls
 // as the socket allows. bufs is left as it was.
