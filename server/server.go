@@ -113,6 +113,9 @@ type Server struct {
 	fullLogged atomic.Int64
 	// numConns is len(conns), read without the lock.
 	numConns atomic.Int32
+	// hot counts the connections that wait holding their large reader
+	// beyond LeanAbove (conn.warm).
+	hot atomic.Int32
 	// memory is MaxMemory, shared by every connection's buffers.
 	memory *budget
 
