@@ -62,10 +62,8 @@ func (c *ListenCmd) Run() error {
 		Logger:      log,
 	})
 	inst := newInstance(srv, file, c.File, dest, log)
-	inst.onReady = func() { c.printURI(l, c.ExportName) }
-	stopMetrics, err := c.serveInstance(inst)
+	stopMetrics, err := startServing(inst, l, &c.listenFlags, &c.metricsFlags, c.ExportName)
 	if err != nil {
-		l.Close() // removes a Unix socket file
 		return err
 	}
 	defer stopMetrics()

@@ -95,10 +95,8 @@ func (c *ServeCmd) Run() error {
 		Logger:     log,
 	})
 	inst := newInstance(srv, file, c.File, nil, log)
-	inst.onReady = func() { c.printURI(l, c.ExportName) }
-	stopMetrics, err := c.serveInstance(inst)
+	stopMetrics, err := startServing(inst, l, &c.listenFlags, &c.metricsFlags, c.ExportName)
 	if err != nil {
-		l.Close() // removes a Unix socket file
 		return err
 	}
 	defer stopMetrics()
@@ -109,6 +107,18 @@ func (c *ServeCmd) Run() error {
 		Str("size_human", humanize.IBytes(srv.Size())).
 		Bool("oldstyle", c.Oldstyle).Bool("read_only", c.ReadOnly).Func(c.logField).Msg("serving")
 	return runInstance(inst, l, c.Sock, false, sigs)
+}
+
+// startServing wires what serve and listen share once their instance
+// exists: the URI printed when it is ready, and the metrics endpoint. On
+// failure it closes l, which removes a Unix socket file.
+func startServing(inst *instance, l net.Listener, lf *listenFlags, mf *metricsFlags, exportName string) (stop func(), err error) {
+	inst.onReady = func() { lf.printURI(l, exportName) }
+	if stop, err = mf.serveInstance(inst); err != nil {
+		l.Close()
+		return nil, err
+	}
+	return stop, nil
 }
 
 // errStoppedMidMigration is the exit of a server stopped while it was
