@@ -54,11 +54,7 @@ func newSockIO(nc net.Conn) *sockIO {
 	if raw == nil {
 		return nil
 	}
-	rc, err := nc.(syscall.Conn).SyscallConn()
-	if err != nil {
-		return nil
-	}
-	s := &sockIO{Conn: raw, rc: rc}
+	s := &sockIO{Conn: raw, rc: raw.RawConn()}
 	s.peekFn = s.peekOnce
 	s.peekCtl = s.peekControl
 	return s

@@ -53,6 +53,10 @@ func New(nc net.Conn) *Conn {
 	return c
 }
 
+// RawConn is the connection's descriptor access, for callers that need
+// other system calls on it.
+func (c *Conn) RawConn() syscall.RawConn { return c.rc }
+
 func (c *Conn) readOnce(fd uintptr) bool {
 	c.rn, _, c.rerrno = unix.RawSyscall(unix.SYS_READ, fd, uintptr(unsafe.Pointer(&c.rbuf[0])), uintptr(len(c.rbuf)))
 	return c.rerrno != unix.EAGAIN
