@@ -40,6 +40,12 @@
 #                         random within (connections - 1) * STAGGER_MS ms
 #   FIO_GRACE=60          seconds past RAMP + RUNTIME after which a fio run
 #                         that has not ended is killed and counted as failed
+#   SERVER_CPUS CLIENT_CPUS
+#                         if set (taskset lists, e.g. 0 and 1), servers (and
+#                         a proxy's backend) run on SERVER_CPUS and fio and
+#                         the idle connections on CLIENT_CPUS, so that the
+#                         load generator cannot take the server's processor
+#                         or the server the load generator's
 #   QUIET_LIMIT=40        before each run, wait (up to QUIET_WAIT=30 seconds)
 #                         until the machine as a whole is less busy than this
 #                         (% of one core, summed over all cores); 0 disables
@@ -68,6 +74,11 @@ SIZE=${FLEXNBD_BENCH_SIZE:-2G}
 FLEXNBD=${FLEXNBD:-$ROOT/bin/flexnbd}
 QUIET_LIMIT=${QUIET_LIMIT:-40}
 QUIET_WAIT=${QUIET_WAIT:-30}
+SERVER_CPUS=${SERVER_CPUS:-}
+CLIENT_CPUS=${CLIENT_CPUS:-}
+SERVER_PIN=() CLIENT_PIN=()
+[ -n "$SERVER_CPUS" ] && SERVER_PIN=(taskset -c "$SERVER_CPUS")
+[ -n "$CLIENT_CPUS" ] && CLIENT_PIN=(taskset -c "$CLIENT_CPUS")
 HOST=127.0.0.1
 START_TIMEOUT=20
 STOP_TIMEOUT=10
@@ -79,6 +90,7 @@ esac
 case " $WORKLOADS " in
 *" idle "* | *_i[0-9]*) INVOCATION="IDLE=$IDLE IDLE_BASE=\"$IDLE_BASE\" $INVOCATION" ;;
 esac
+[ -n "$SERVER_CPUS$CLIENT_CPUS" ] && INVOCATION="SERVER_CPUS=$SERVER_CPUS CLIENT_CPUS=$CLIENT_CPUS $INVOCATION"
 [ -n "${FLEXNBD_BENCH_SIZE:-}" ] && INVOCATION="FLEXNBD_BENCH_SIZE=$SIZE $INVOCATION"
 
 say() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -272,7 +284,7 @@ BPORT=
 start_backend() {
     local t=0
     BPORT=$(free_port)
-    setsid "$FLEXNBD" serve --addr "$HOST" --port "$BPORT" --file "$IMG" -q >>"$OUT/$1.backend.log" 2>&1 </dev/null &
+    setsid "${SERVER_PIN[@]}" "$FLEXNBD" serve --addr "$HOST" --port "$BPORT" --file "$IMG" -q >>"$OUT/$1.backend.log" 2>&1 </dev/null &
     BACKEND[$1]=$!
     until listening "$BPORT"; do
         sleep 0.1
@@ -323,7 +335,7 @@ start() {
         cmd=(nbd-server -C "$conf/config" -p "$conf/pid") ;;
     esac
     echo "${cmd[*]}" >"$OUT/$s.cmd"
-    setsid "${cmd[@]}" >>"$log" 2>&1 </dev/null &
+    setsid "${SERVER_PIN[@]}" "${cmd[@]}" >>"$log" 2>&1 </dev/null &
     LAUNCHER[$s]=$!
     until listening "$port"; do
         sleep 0.1
@@ -424,7 +436,7 @@ IDLERS_PID=
 start_idlers() {
     local s=$1 n=$2 out=$3 t=0
     rm -f "$out.ready"
-    "$IDLERS" -addr "$HOST:${PORT[$s]}" -export "${EXPORT[$s]}" -conns "$n" -ready "$out.ready" \
+    "${CLIENT_PIN[@]}" "$IDLERS" -addr "$HOST:${PORT[$s]}" -export "${EXPORT[$s]}" -conns "$n" -ready "$out.ready" \
         >"$out" 2>"$out.log" </dev/null &
     IDLERS_PID=$!
     until [ -e "$out.ready" ]; do
@@ -502,7 +514,7 @@ measure() {
     # connects.
     [ "$conns" -gt 1 ] && [ "$STAGGER_MS" -gt 0 ] &&
         stagger=(--startdelay="0-$(((conns - 1) * STAGGER_MS))ms")
-    setsid fio --name="$wl" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \
+    setsid "${CLIENT_PIN[@]}" fio --name="$wl" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \
         --numjobs="$conns" --group_reporting --size="$IMG_BYTES" --time_based --runtime="$RUNTIME" \
         --ramp_time="$RAMP" --norandommap --randrepeat=0 --percentile_list=50:99:99.9 "${stagger[@]}" \
         --output-format=json --output="$out" >"$out.log" 2>&1 </dev/null &

@@ -468,7 +468,7 @@ func (c *conn) idle() error {
 	if c.sock.hasData() {
 		if c.br.Size() != requestReaderSize {
 			c.br = readerPool.Get().(*bufio.Reader)
-			c.br.Reset(c.nc)
+			c.br.Reset(c.requestSource())
 		}
 		return nil
 	}
@@ -479,7 +479,7 @@ func (c *conn) idle() error {
 	c.br = nil
 	err := c.sock.waitReadable()
 	c.br = readerPool.Get().(*bufio.Reader)
-	c.br.Reset(c.nc)
+	c.br.Reset(c.requestSource())
 	return err
 }
 
@@ -514,6 +514,19 @@ func (c *conn) cool() {
 		c.hot = false
 		c.srv.hot.Add(-1)
 	}
+}
+
+// requestSource is what the large reader reads from: the socket through
+// raw system calls where there is one. A regular read(2) (net.Conn's)
+// enters the runtime's system-call state, which wakes its monitor thread
+// whenever it sleeps because nothing else runs; at queue depth 1 the
+// monitor slept and was woken again for every request, two context
+// switches each, a third of the server's CPU per request (docs/DESIGN.md).
+func (c *conn) requestSource() io.Reader {
+	if c.sock != nil {
+		return c.sock
+	}
+	return c.nc
 }
 
 // release gives the large reader back when the connection ends.
