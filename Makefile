@@ -50,7 +50,7 @@ $(BIN): $(GOFILES) go.mod go.sum $(BIN).version
 # client included. .ci/run installs what it needs.
 test: fmt-check vet build
 	$(GO) test -race -count=1 -timeout 12m ./...
-	$(GO) test -count=1 -run 'AllocatesNothing' ./server/
+	$(GO) test -count=1 -run 'AllocatesNothing|InterleaveWithABurst' ./server/
 	FUZZTIME=$${FUZZTIME:-15s} GO=$(GO) scripts/fuzz.sh
 
 # Every fuzz target for FUZZTIME each (15 s by default); failing inputs are

@@ -17,6 +17,8 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/flexnbd/flexnbd/nbd"
 )
 
@@ -85,6 +87,16 @@ type conn struct {
 	inlineSince atomic.Int64
 	promoteMu   sync.Mutex
 	inlineReq   *request // guarded by promoteMu: the write the reader runs
+
+	// turns (turns.go): the reader's wait state, the lock a nudge holds
+	// while it sets the deadline, requests run since the reader last
+	// waited (owned by the reader), and the registration
+	waitState  atomic.Int32
+	nudgeMu    sync.Mutex
+	sinceWait  int
+	turnID     uint64
+	turnEpfd   int
+	turnEvents [16]unix.EpollEvent
 
 	// requests being executed, for the kill switch; guarded by activeMu
 	activeMu sync.Mutex
@@ -156,6 +168,8 @@ func (c *conn) serve() {
 		c.sessionEnded(false)
 		return
 	}
+	c.srv.turns.add(c)
+	defer c.srv.turns.remove(c) // before the descriptor closes
 	c.wg.Add(1)
 	c.readLoop()
 	c.wg.Wait()
@@ -404,6 +418,12 @@ var errDropped = errors.New("held requests dropped")
 // (see Hold) and leaves it when executed.
 func (c *conn) readRequest() (*request, error) {
 	hdr := &c.hdrBuf
+	if c.sinceWait++; c.sinceWait > turnAfter {
+		c.sinceWait = 0
+		if c.srv.numConns.Load() > 1 {
+			c.giveTurns()
+		}
+	}
 	c.needFlush(len(hdr))
 	var waitFrom int64
 	if c.br.Buffered() == 0 && c.sock != nil && (c.br.Size() != requestReaderSize ||
@@ -477,7 +497,7 @@ func (c *conn) idle() error {
 		readerPool.Put(c.br)
 	}
 	c.br = nil
-	err := c.sock.waitReadable()
+	err := c.waitForRequest()
 	c.br = readerPool.Get().(*bufio.Reader)
 	c.br.Reset(c.requestSource())
 	return err
@@ -524,7 +544,7 @@ func (c *conn) cool() {
 // switches each, a third of the server's CPU per request (docs/DESIGN.md).
 func (c *conn) requestSource() io.Reader {
 	if c.sock != nil {
-		return c.sock
+		return requestStream{c}
 	}
 	return c.nc
 }

@@ -116,6 +116,8 @@ type Server struct {
 	// hot counts the connections that wait holding their large reader
 	// beyond LeanAbove (conn.warm).
 	hot atomic.Int32
+	// turns wakes waiting readers for a reader in a long burst (turns.go).
+	turns turns
 	// memory is MaxMemory, shared by every connection's buffers.
 	memory *budget
 

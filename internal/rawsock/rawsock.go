@@ -27,6 +27,7 @@ type Conn struct {
 	rbuf   []byte
 	rn     uintptr
 	rerrno syscall.Errno
+	rwaits uint64
 	readFn func(fd uintptr) bool
 
 	// owned by the writer
@@ -59,13 +60,21 @@ func (c *Conn) RawConn() syscall.RawConn { return c.rc }
 
 func (c *Conn) readOnce(fd uintptr) bool {
 	c.rn, _, c.rerrno = unix.RawSyscall(unix.SYS_READ, fd, uintptr(unsafe.Pointer(&c.rbuf[0])), uintptr(len(c.rbuf)))
-	return c.rerrno != unix.EAGAIN
+	if c.rerrno == unix.EAGAIN {
+		c.rwaits++
+		return false
+	}
+	return true
 }
 
 func (c *Conn) writeOnce(fd uintptr) bool {
 	c.wn, _, c.werrno = unix.RawSyscall(unix.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&c.iovecs[0])), uintptr(len(c.iovecs)))
 	return c.werrno != unix.EAGAIN
 }
+
+// ReadWaits counts the reads that found nothing and so waited (or failed
+// at their deadline); only the reader may call it.
+func (c *Conn) ReadWaits() uint64 { return c.rwaits }
 
 // Read reads what the socket has for p, waiting for at least one byte.
 // It returns io.EOF when the peer closed its side.
