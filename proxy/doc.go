@@ -36,7 +36,8 @@
 // Config.Cache turns on the C proxy's read-ahead (prefetch): see there.
 //
 // BUG(proxy): READ replies are copied through the proxy's memory; 1 MiB
-// reads reach about a third of direct throughput on two cores.
+// reads reach about a third of direct throughput on two cores. Splicing
+// them socket to socket was measured slower there (docs/BENCHMARKS.md).
 //
 // BUG(proxy): Buffered payloads are bounded per client (twice MaxInFlight
 // requests, up to 4 GiB of 32 MiB writes), not across clients.
