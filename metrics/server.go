@@ -24,6 +24,8 @@ var (
 		"Connections accepted or rejected since the start.", nil, nil)
 	rejectedDesc = prometheus.NewDesc("flexnbd_connections_rejected_total",
 		"Connections closed before any greeting: refused by the access list or beyond --max-clients.", nil, nil)
+	turnsDesc = prometheus.NewDesc("flexnbd_turns_total",
+		"Times a connection running a long burst of requests woke others that waited with requests in their sockets, and yielded to them.", nil, nil)
 	sizeDesc = prometheus.NewDesc("flexnbd_export_size_bytes", "Size of the export.", nil, nil)
 )
 
@@ -50,7 +52,7 @@ func NewServerCollector(srv *server.Server, m *server.Metrics) prometheus.Collec
 
 func (c serverCollector) Describe(ch chan<- *prometheus.Desc) {
 	describe(ch, requestsDesc, bytesDesc, durationDesc, errorsDesc, gateWaitsDesc, clientsDesc,
-		connectionsDesc, rejectedDesc, sizeDesc)
+		connectionsDesc, rejectedDesc, turnsDesc, sizeDesc)
 }
 
 func (c serverCollector) Collect(ch chan<- prometheus.Metric) {
@@ -73,5 +75,6 @@ func (c serverCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- gauge(clientsDesc, float64(st.Clients))
 	ch <- counter(connectionsDesc, float64(st.ConnectionsSeen))
 	ch <- counter(rejectedDesc, float64(st.Rejected))
+	ch <- counter(turnsDesc, float64(st.Turns))
 	ch <- gauge(sizeDesc, float64(c.srv.Size()))
 }

@@ -7,7 +7,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 
@@ -19,9 +22,18 @@ import (
 // TestMain).
 const oneProcessorServerEnv = "FLEXNBD_TEST_ONE_PROCESSOR_SERVER"
 
+// oneProcessorServer is a server in a child process with GOMAXPROCS=1.
+type oneProcessorServer struct {
+	Addr   string
+	cmd    *exec.Cmd
+	stdin  io.Closer
+	stdout *bufio.Reader
+	done   chan struct{}
+}
+
 // startOneProcessorServer re-executes this test binary as a server with
-// GOMAXPROCS=1 and returns its address; it stops with the test.
-func startOneProcessorServer(t *testing.T) string {
+// GOMAXPROCS=1; it stops with the test at the latest.
+func startOneProcessorServer(t *testing.T) *oneProcessorServer {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), oneProcessorServerEnv+"="+t.TempDir(), "GOMAXPROCS=1")
@@ -31,13 +43,36 @@ func startOneProcessorServer(t *testing.T) string {
 	require.NoError(t, err)
 	cmd.Stderr = os.Stderr
 	require.NoError(t, cmd.Start())
+	s := &oneProcessorServer{cmd: cmd, stdin: stdin, stdout: bufio.NewReader(stdout), done: make(chan struct{})}
+	go func() {
+		_ = cmd.Wait()
+		close(s.done)
+	}()
 	t.Cleanup(func() {
 		stdin.Close() // the server exits when its stdin ends
-		_ = cmd.Wait()
+		select {
+		case <-s.done:
+		case <-time.After(10 * time.Second):
+			_ = cmd.Process.Kill()
+			<-s.done
+			t.Error("the one-processor server did not stop when told; killed")
+		}
 	})
-	line, err := bufio.NewReader(stdout).ReadString('\n')
+	line, err := s.stdout.ReadString('\n')
 	require.NoError(t, err, "the one-processor server did not say where it listens")
-	return line[:len(line)-1]
+	s.Addr = strings.TrimSpace(line)
+	return s
+}
+
+// Stop ends the server and returns its count of turns given.
+func (s *oneProcessorServer) Stop(t *testing.T) uint64 {
+	t.Helper()
+	s.stdin.Close()
+	line, err := s.stdout.ReadString('\n')
+	require.NoError(t, err, "the one-processor server did not report its turns")
+	turns, err := strconv.ParseUint(strings.TrimPrefix(strings.TrimSpace(line), "turns "), 10, 64)
+	require.NoError(t, err, "report: %q", line)
+	return turns
 }
 
 // serveOnOneProcessor is the child's side of startOneProcessorServer.
@@ -66,6 +101,7 @@ func serveOnOneProcessor(dir string) int {
 	if err := srv.Serve(l); err != nil && err != server.ErrServerClosed {
 		return fail(err)
 	}
+	os.Stdout.WriteString("turns " + strconv.FormatUint(srv.Stats().Turns, 10) + "\n")
 	return 0
 }
 

@@ -136,12 +136,15 @@ type Stats struct {
 	Errors          atomic.Uint64
 	ConnectionsSeen atomic.Uint64
 	Rejected        atomic.Uint64
+	// Turns counts the times a reader in a long burst woke others waiting
+	// for their requests (turns.go).
+	Turns atomic.Uint64
 }
 
 // StatsSnapshot is a copy of the counters at one moment.
 type StatsSnapshot struct {
 	BytesRead, BytesWritten, Requests, Errors uint64
-	ConnectionsSeen, Rejected                 uint64
+	ConnectionsSeen, Rejected, Turns          uint64
 	Clients                                   int
 	Uptime                                    time.Duration
 }
@@ -205,6 +208,7 @@ func (s *Server) Stats() StatsSnapshot {
 		Errors:          s.stats.Errors.Load(),
 		ConnectionsSeen: s.stats.ConnectionsSeen.Load(),
 		Rejected:        s.stats.Rejected.Load(),
+		Turns:           s.stats.Turns.Load(),
 		Clients:         s.NumClients(),
 		Uptime:          time.Since(s.start),
 	}
