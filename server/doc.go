@@ -44,8 +44,13 @@
 // goroutine and finishes on its own. Replies of requests run on the reader
 // are held back while more requests are already buffered, so a burst of
 // small requests costs one read and one write system call. Copies that
-// cannot block (cached reads, socket I/O) use raw system calls, which keep
-// the runtime from handing the processor to another thread mid-copy.
+// cannot block (cached reads, socket I/O, request headers included) use
+// raw system calls, which keep the runtime from handing the processor to
+// another thread mid-copy and from waking its monitor thread per request.
+// A reader that runs 64 requests without waiting wakes up to 8 readers of
+// other connections whose requests wait in their sockets, and yields to
+// them (turns.go), so a long burst on one connection does not starve the
+// others until the runtime's next look at the network.
 // Everything else (cache misses, large reads, FUA, FLUSH, TRIM,
 // WRITE_ZEROES, requests that must wait in the gate) runs on a goroutine of
 // its own, at most MaxInFlight per connection, so one slow request does not
