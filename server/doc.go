@@ -147,8 +147,9 @@
 // request with the server on one core (0.61x its IOPS there; 0.95x on two
 // shared cores).
 //
-// BUG(server): With clients on the same cores, a few connections at queue
-// depth 1 see a p99 several times nbdkit's although their median is a
-// sixth of it: the runtime's threads run reader after reader without
-// sleeping, and the client processes wait for their end of time slice.
+// BUG(server): With clients on the same two cores, 8 or 16 connections at
+// queue depth 1 see a p99 several times nbdkit's although their median is
+// a sixth of it: answered that fast, the client processes are runnable
+// nearly all the time and wait for a core behind one another
+// (docs/DESIGN.md, "Tail latency on many connections").
 package server
