@@ -10,6 +10,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/flexnbd/flexnbd/nbd"
+	"github.com/flexnbd/flexnbd/server"
 )
 
 // A connection whose requests all complete at once (cache-hit reads) keeps
@@ -34,7 +35,7 @@ import (
 func TestQuickRequestsOfOthersInterleaveWithABurst(t *testing.T) {
 	const (
 		burst     = 16384
-		turnAfter = 64
+		turnAfter = server.TurnAfter
 	)
 	srv := startOneProcessorServer(t)
 	addr := srv.Addr

@@ -25,7 +25,6 @@ const oneProcessorServerEnv = "FLEXNBD_TEST_ONE_PROCESSOR_SERVER"
 // oneProcessorServer is a server in a child process with GOMAXPROCS=1.
 type oneProcessorServer struct {
 	Addr   string
-	cmd    *exec.Cmd
 	stdin  io.Closer
 	stdout *bufio.Reader
 	done   chan struct{}
@@ -43,7 +42,7 @@ func startOneProcessorServer(t *testing.T) *oneProcessorServer {
 	require.NoError(t, err)
 	cmd.Stderr = os.Stderr
 	require.NoError(t, cmd.Start())
-	s := &oneProcessorServer{cmd: cmd, stdin: stdin, stdout: bufio.NewReader(stdout), done: make(chan struct{})}
+	s := &oneProcessorServer{stdin: stdin, stdout: bufio.NewReader(stdout), done: make(chan struct{})}
 	go func() {
 		_ = cmd.Wait()
 		close(s.done)
