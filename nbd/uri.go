@@ -120,13 +120,23 @@ func ParseURI(s string) (URI, error) {
 	if strings.HasPrefix(u.Host, "[") {
 		// Brackets hold an IPv6 literal, or nothing the dialer takes.
 		// netip keeps ::ffff:1.2.3.4 as the IPv6 address it is written as.
-		if ip, err := netip.ParseAddr(host); err != nil || !ip.Is6() {
+		ip, err := netip.ParseAddr(host)
+		if err != nil || !ip.Is6() {
 			return URI{}, fmt.Errorf("nbd: URI: %q in brackets is not an IPv6 address", host)
+		}
+		// A zone names an interface; anything beyond an interface name's
+		// usual characters would not survive formatting back to a URI.
+		if z := ip.Zone(); strings.TrimLeft(z, zoneChars) != "" {
+			return URI{}, fmt.Errorf("nbd: URI: zone %q is not an interface name", z)
 		}
 	}
 	out.Address = net.JoinHostPort(host, port)
 	return out, nil
 }
+
+// zoneChars are the bytes an IPv6 zone may hold: those of interface names
+// that a URI's host carries unescaped.
+const zoneChars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~"
 
 // String formats u as a URI that ParseURI reads back to u, with the port
 // always explicit.

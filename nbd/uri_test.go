@@ -69,6 +69,8 @@ func TestParseURIRefuses(t *testing.T) {
 		{"empty port", "nbd://h:/e", "empty port"},
 		{"ipv4 in brackets", "nbd://[127.0.0.1]/e", "IP-literal"},
 		{"ipv6 without brackets", "nbd://0::1/e", "brackets"},
+		{"zone not an interface name", "nbd://[::%25\x86]/e", "interface name"},
+		{"zone with a space", "nbd://[fe80::1%25a%20b]/e", "interface name"},
 		{"unknown parameter", "nbd://h/e?size=1", "unknown query parameter"},
 		{"socket on tcp", "nbd://h/e?socket=/s", "nbd+unix"},
 		{"unix without socket", "nbd+unix:///e", "socket=PATH"},
