@@ -5,11 +5,13 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -240,6 +242,7 @@ func TestUsageErrors(t *testing.T) {
 		{"proxy without upstream port", []string{"proxy", "-l", "127.0.0.1", "-p", port, "-C", "127.0.0.1"}, "--conn-port"},
 		{"proxy with a port on a socket", []string{"proxy", "-l", "/tmp/x.sock", "-p", port, "-C", "127.0.0.1", "-P", "1"}, "--port"},
 		{"proxy bad bind", []string{"proxy", "-l", "127.0.0.1", "-p", port, "-C", "127.0.0.1", "-P", "1", "-b", "nope"}, "--bind"},
+		{"proxy negative procs", []string{"proxy", "-l", "127.0.0.1", "-p", port, "-C", "127.0.0.1", "-P", "1", "--procs=-1"}, "--procs"},
 		{"proxy bad outage", []string{"proxy", "-l", "127.0.0.1", "-p", port, "-C", "127.0.0.1", "-P", "1", "--max-outage", "soon"}, "--max-outage"},
 		{"upstream without addresses", []string{"upstream", "-s", "/nonexistent.sock"}, "upstream"},
 		{"proxy bad cache", []string{"proxy", "-l", "127.0.0.1", "-p", port, "-C", "127.0.0.1", "-P", "1", "--cache=lots"}, "--cache"},
@@ -441,6 +444,28 @@ func TestRunAsFlexnbdProxy(t *testing.T) {
 	_, stderr, code = testproc.Run(t, nil, link, "-l", "127.0.0.1", "-p", "1", "-C", "127.0.0.1", "-P", "1", "--cache=1,5M")
 	assert.Equal(t, 1, code)
 	assert.True(t, strings.HasPrefix(stderr, "flexnbd-proxy: --cache: "), stderr)
+}
+
+// The proxy runs on one processor unless --procs says otherwise (0: the
+// runtime's default, one per CPU).
+func TestProxyProcs(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want int
+	}{
+		{nil, 1},
+		{[]string{"--procs", "2"}, 2},
+		{[]string{"--procs=0"}, runtime.NumCPU()},
+	} {
+		port := testproc.FreePort(t)
+		args := append([]string{"proxy", "-l", "127.0.0.1", "-p", strconv.Itoa(port),
+			"-C", "127.0.0.1", "-P", strconv.Itoa(testproc.FreePort(t)), "-v"}, tc.args...)
+		p := testproc.Start(t, "", flexnbdBin, args...)
+		p.Stderr.WaitFor(t, "proxying")
+		assert.Contains(t, p.Stderr.Text(), fmt.Sprintf("procs=%d ", tc.want), tc.args)
+		p.Signal(t, syscall.SIGTERM)
+		assert.Zero(t, p.Wait(t))
+	}
 }
 
 // With fewer descriptors than --max-clients needs, serve lowers the limit
