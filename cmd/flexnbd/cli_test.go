@@ -446,15 +446,14 @@ func TestRunAsFlexnbdProxy(t *testing.T) {
 	assert.True(t, strings.HasPrefix(stderr, "flexnbd-proxy: --cache: "), stderr)
 }
 
-// The proxy runs on one processor unless --procs says otherwise (0: the
-// runtime's default, one per CPU).
+// The proxy runs on one processor per CPU unless --procs says otherwise.
 func TestProxyProcs(t *testing.T) {
 	for _, tc := range []struct {
 		args []string
 		want int
 	}{
-		{nil, 1},
-		{[]string{"--procs", "2"}, 2},
+		{nil, runtime.NumCPU()},
+		{[]string{"--procs", "1"}, 1},
 		{[]string{"--procs=0"}, runtime.NumCPU()},
 	} {
 		port := testproc.FreePort(t)

@@ -26,7 +26,7 @@ type ProxyCmd struct {
 	MaxOutage time.Duration `name:"max-outage" help:"Fail requests with EIO once the upstream has been unreachable this long (default: never)."`
 	Sock      string        `short:"s" help:"Control socket path (status, upstream)."`
 	Cache     int           `type:"size" placeholder:"SIZE" help:"Read-ahead per client: a read of at most half of SIZE fetches twice its length and keeps the rest for the next read (--cache alone: 64 KiB; default: off)."`
-	Procs     int           `default:"1" placeholder:"N" help:"Processors the proxy runs its goroutines on at once (0: one per CPU; default 1)."`
+	Procs     int           `placeholder:"N" help:"Processors the proxy runs its goroutines on at once (default 0: one per CPU; 1: faster for one client, less fair between several)."`
 	listenFlags
 	metricsFlags
 	LogFlags
@@ -50,10 +50,10 @@ func (c *ProxyCmd) Run() error {
 		return errors.New("--procs must not be negative")
 	}
 	if c.Procs > 0 {
-		// The proxy's work is handing bytes between sockets: on one
-		// processor a reply read upstream is answered by the same thread
-		// without waking another, which measured faster (docs/BENCHMARKS.md,
-		// "Proxy").
+		// On one processor a reply read upstream is answered by the same
+		// thread without waking another: faster for one client, but a
+		// client copying large writes then delays the others' requests
+		// more (docs/BENCHMARKS.md, "Proxy"), so it is not the default.
 		runtime.GOMAXPROCS(c.Procs)
 	}
 	p, err := proxy.New(proxy.Config{
