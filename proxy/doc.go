@@ -42,8 +42,11 @@
 // BUG(proxy): A client sending large writes delays the other clients of
 // the same proxy: beside one writing 1 MiB blocks at queue depth 32, another
 // reading 4 KiB blocks at queue depth 1 got a p99 of 7-9 ms on two cores
-// (0.6-0.7 ms direct to the server), 31-41 ms with --procs 1. Socket calls
-// are raw system calls that keep their processor through a long copy.
+// (0.6-0.7 ms direct to the server), 31-41 ms with --procs 1, where the raw
+// socket calls keep the one processor through each megabyte's copy. With
+// four processors on the two cores it was 6-7 ms: what is left is mostly
+// the cores being full of copies, each request crossing two more hops that
+// wait for one.
 //
 // BUG(proxy): Buffered payloads are bounded per client (twice MaxInFlight
 // requests, up to 4 GiB of 32 MiB writes), not across clients.
