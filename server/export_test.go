@@ -154,3 +154,6 @@ func (g *OrderGate) CheckTrees() error {
 	}
 	return nil
 }
+
+// NoWaitWrites reports whether f still writes with RWF_NOWAIT first.
+func (f *File) NoWaitWrites() bool { return f.noWaitWrites.Load() }
