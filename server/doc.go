@@ -143,8 +143,7 @@
 // A WRITE without FUA is first tried with a raw pwritev2(RWF_NOWAIT),
 // which fails rather than sleep; what it did not write goes through a
 // regular system call. File systems that refuse buffered RWF_NOWAIT writes
-// (ext4, tmpfs) are not asked again, and kernels before 6.0, whose flag
-// did not cover writeback throttling, are not asked at all.
+// (ext4, tmpfs) are not asked again.
 //
 // BUG(server): On file systems without buffered RWF_NOWAIT writes (ext4,
 // tmpfs), a WRITE reaches the file through a regular system call (it may

@@ -157,8 +157,3 @@ func (g *OrderGate) CheckTrees() error {
 
 // NoWaitWrites reports whether f still writes with RWF_NOWAIT first.
 func (f *File) NoWaitWrites() bool { return f.noWaitWrites.Load() }
-
-var ReleaseAtLeast = releaseAtLeast
-
-// NoWaitWritesSafe is whether this kernel gets raw RWF_NOWAIT writes.
-var NoWaitWritesSafe = noWaitWritesSafe

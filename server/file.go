@@ -85,7 +85,7 @@ func OpenFile(path string, readOnly bool) (*File, error) {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	file.holes.Store(holes)
-	file.noWaitWrites.Store(!readOnly && noWaitWritesSafe)
+	file.noWaitWrites.Store(!readOnly)
 	return file, nil
 }
 

@@ -10,8 +10,6 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
-
-	"github.com/flexnbd/flexnbd/server"
 )
 
 // Writes that fit in the page cache go in with RWF_NOWAIT where the file
@@ -56,9 +54,7 @@ func TestNoWaitWrites(t *testing.T) {
 				require.NoError(t, f.WriteAt(p, uint64(w.off), w.fua))
 				copy(want[w.off:], p)
 			}
-			// Before Linux 6.0 the flag did not cover writeback throttling,
-			// and the server does not use it there.
-			assert.Equal(t, tc.noWait && server.NoWaitWritesSafe, f.NoWaitWrites(), "RWF_NOWAIT writes still in use")
+			assert.Equal(t, tc.noWait, f.NoWaitWrites(), "RWF_NOWAIT writes still in use")
 			got, err := os.ReadFile(path)
 			require.NoError(t, err)
 			assert.True(t, bytes.Equal(want, got), "the file holds what was written")
@@ -90,25 +86,4 @@ func mountImage(t *testing.T, fs string) string {
 		}
 	})
 	return mnt
-}
-
-// Raw RWF_NOWAIT writes are used only on kernels whose flag also covers
-// writeback throttling (6.0 and later).
-func TestReleaseAtLeast(t *testing.T) {
-	for _, tc := range []struct {
-		release string
-		want    bool
-	}{
-		{"6.0.0", true},
-		{"6.1.0-57-amd64", true},
-		{"6.18.44-fc-v1045", true},
-		{"10.2", true},
-		{"5.19.17", false},
-		{"5.4.0-150-generic", false},
-		{"4.9", false},
-		{"", false},
-		{"linux", false},
-	} {
-		assert.Equal(t, tc.want, server.ReleaseAtLeast(tc.release, 6, 0), tc.release)
-	}
 }

@@ -1,7 +1,6 @@
 package server
 
 import (
-	"fmt"
 	"net"
 	"syscall"
 	"unsafe"
@@ -30,32 +29,6 @@ func preadNoWait(fd int, p []byte, off int64) (int, error) {
 		return 0, errno
 	}
 	return int(n), nil
-}
-
-// noWaitWritesSafe is whether this kernel's RWF_NOWAIT also covers
-// writeback throttling for buffered writes (Linux 6.0, with XFS's support
-// for them): on an older one a file system taking the flag could still
-// sleep in a raw call, holding its processor.
-var noWaitWritesSafe = kernelAtLeast(6, 0)
-
-// kernelAtLeast reports whether the running kernel's release is at least
-// major.minor.
-func kernelAtLeast(major, minor int) bool {
-	var u unix.Utsname
-	if unix.Uname(&u) != nil {
-		return false
-	}
-	return releaseAtLeast(unix.ByteSliceToString(u.Release[:]), major, minor)
-}
-
-// releaseAtLeast compares a kernel release ("6.1.0-57-amd64") with
-// major.minor; a release it cannot read counts as older.
-func releaseAtLeast(release string, major, minor int) bool {
-	var ma, mi int
-	if _, err := fmt.Sscanf(release, "%d.%d", &ma, &mi); err != nil {
-		return false
-	}
-	return ma > major || ma == major && mi >= minor
 }
 
 // pwriteNoWait writes into the page cache only: it returns how much it
