@@ -140,18 +140,12 @@
 // supported, and a file that shrinks under the server makes reads past its
 // new end fail with EIO.
 //
-// A WRITE without FUA is first tried with a raw pwritev2(RWF_NOWAIT),
-// which fails rather than sleep; what it did not write goes through a
-// regular system call. File systems that refuse buffered RWF_NOWAIT writes
-// (ext4, tmpfs) are not asked again.
-//
-// BUG(server): On file systems without buffered RWF_NOWAIT writes (ext4,
-// tmpfs), a WRITE reaches the file through a regular system call (it may
-// sleep for writeback throttling and must not hold a processor then),
+// BUG(server): A WRITE reaches the file through a regular system call (it
+// may sleep for writeback throttling and must not hold a processor then),
 // which wakes the runtime's monitor thread when nothing else runs: one
 // connection writing at queue depth 1 costs about twice nbdkit's CPU per
 // request with the server on one core (0.61x its IOPS there; 0.95x on two
-// shared cores). On XFS the raw call avoids it (0.98x and 1.11x).
+// shared cores).
 //
 // BUG(server): With clients on the same two cores, 8 or 16 connections at
 // queue depth 1 see a p99 several times nbdkit's although their median is

@@ -154,6 +154,3 @@ func (g *OrderGate) CheckTrees() error {
 	}
 	return nil
 }
-
-// NoWaitWrites reports whether f still writes with RWF_NOWAIT first.
-func (f *File) NoWaitWrites() bool { return f.noWaitWrites.Load() }

@@ -55,9 +55,6 @@ type File struct {
 	readOnly bool
 	// holes is set once any hole exists (found at open or punched since).
 	holes atomic.Bool
-	// noWaitWrites is cleared once the file system refuses RWF_NOWAIT
-	// for buffered writes.
-	noWaitWrites atomic.Bool
 }
 
 // OpenFile opens path for serving. The export size is the file size rounded
@@ -85,7 +82,6 @@ func OpenFile(path string, readOnly bool) (*File, error) {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	file.holes.Store(holes)
-	file.noWaitWrites.Store(!readOnly)
 	return file, nil
 }
 
@@ -171,26 +167,6 @@ func hasZeroBlock(p []byte, off uint64) bool {
 }
 
 func (f *File) write(p []byte, off uint64, fua bool) error {
-	if !fua && f.noWaitWrites.Load() {
-		// What fits in the page cache without waiting is written with a
-		// raw system call, as cached reads are (rawio.go): a regular one
-		// wakes the runtime's monitor thread whenever the server was idle,
-		// which is after every request at queue depth 1.
-		for len(p) > 0 {
-			n, err := pwriteNoWait(f.fd, p, int64(off))
-			if err == unix.EOPNOTSUPP || err == unix.EINVAL {
-				f.noWaitWrites.Store(false)
-			}
-			if err != nil || n == 0 {
-				break
-			}
-			p = p[n:]
-			off += uint64(n)
-		}
-		if len(p) == 0 {
-			return nil
-		}
-	}
 	flags := 0
 	if fua {
 		flags = unix.RWF_DSYNC

@@ -31,21 +31,6 @@ func preadNoWait(fd int, p []byte, off int64) (int, error) {
 	return int(n), nil
 }
 
-// pwriteNoWait writes into the page cache only: it returns how much it
-// wrote, and EAGAIN when the rest would wait (writeback throttling, a
-// lock, a block to allocate). File systems without buffered RWF_NOWAIT
-// writes (ext4, tmpfs) refuse it with EOPNOTSUPP or EINVAL.
-func pwriteNoWait(fd int, p []byte, off int64) (int, error) {
-	iov := unix.Iovec{Base: &p[0]}
-	iov.SetLen(len(p))
-	n, _, errno := unix.RawSyscall6(unix.SYS_PWRITEV2, uintptr(fd), uintptr(unsafe.Pointer(&iov)), 1,
-		uintptr(off), 0, unix.RWF_NOWAIT)
-	if errno != 0 {
-		return 0, errno
-	}
-	return int(n), nil
-}
-
 // sockIO moves data on a TCP connection with raw system calls
 // (internal/rawsock), and adds what only the server needs: checking for
 // data without reading it, and waiting for it without a buffer. The peek's
