@@ -1,6 +1,7 @@
 package server
 
 import (
+	"math/bits"
 	"net"
 	"syscall"
 	"unsafe"
@@ -23,8 +24,11 @@ import (
 func preadNoWait(fd int, p []byte, off int64) (int, error) {
 	iov := unix.Iovec{Base: &p[0]}
 	iov.SetLen(len(p))
+	// The kernel takes the offset as two words, low then high, and on a
+	// 64-bit kernel ignores the high one.
+	lo, hi := uintptr(off), uintptr(uint64(off)>>(bits.UintSize-1)>>1)
 	n, _, errno := unix.RawSyscall6(unix.SYS_PREADV2, uintptr(fd), uintptr(unsafe.Pointer(&iov)), 1,
-		uintptr(off), 0, unix.RWF_NOWAIT)
+		lo, hi, unix.RWF_NOWAIT)
 	if errno != 0 {
 		return 0, errno
 	}
