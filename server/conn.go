@@ -89,11 +89,12 @@ type conn struct {
 	inlineReq   *request // guarded by promoteMu: the write the reader runs
 
 	// turns (turns.go): the reader's wait state, the lock a nudge holds
-	// while it sets the deadline, requests run since the reader last
-	// waited (owned by the reader), and the registration
+	// while it sets the deadline, when the reader last waited or gave a
+	// turn (by Server.clock, 0 for "just waited"; owned by the reader), and
+	// the registration
 	waitState  atomic.Int32
 	nudgeMu    sync.Mutex
-	sinceWait  int
+	runFrom    int64
 	turnID     uint64
 	turnEpfd   int
 	turnEvents [16]unix.EpollEvent
@@ -418,11 +419,8 @@ var errDropped = errors.New("held requests dropped")
 // (see Hold) and leaves it when executed.
 func (c *conn) readRequest() (*request, error) {
 	hdr := &c.hdrBuf
-	if c.sinceWait++; c.sinceWait > turnAfter {
-		c.sinceWait = 0
-		if c.srv.numConns.Load() > 1 {
-			c.giveTurns()
-		}
+	if c.srv.numConns.Load() > 1 {
+		c.maybeGiveTurns()
 	}
 	c.needFlush(len(hdr))
 	var waitFrom int64

@@ -47,10 +47,12 @@
 // cannot block (cached reads, socket I/O, request headers included) use
 // raw system calls, which keep the runtime from handing the processor to
 // another thread mid-copy and from waking its monitor thread per request.
-// A reader that runs 64 requests without waiting wakes up to 8 readers of
-// other connections whose requests wait in their sockets, and yields to
-// them (turns.go), so a long burst on one connection does not starve the
-// others until the runtime's next look at the network.
+// A reader that has run requests for 50 µs without waiting wakes up to 8
+// readers of other connections whose requests wait in their sockets and,
+// when any other connection has requests waiting, yields (turns.go): a
+// burst on one connection, or a few connections served in step with their
+// clients, do not hold the others back until the runtime's next look at
+// the network or its next preemption.
 // Everything else (cache misses, large reads, FUA, FLUSH, TRIM,
 // WRITE_ZEROES, requests that must wait in the gate) runs on a goroutine of
 // its own, at most MaxInFlight per connection, so one slow request does not

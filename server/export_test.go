@@ -5,10 +5,6 @@ import "fmt"
 // This file opens internals to the package's external tests; it is compiled
 // only into the test binary.
 
-// TurnAfter is how many requests a reader runs without waiting before it
-// gives others a turn.
-const TurnAfter = turnAfter
-
 // OrderGate is the ordering gate, for unit tests of its admission rules.
 type OrderGate struct{ g orderGate }
 

@@ -10,33 +10,30 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/flexnbd/flexnbd/nbd"
-	"github.com/flexnbd/flexnbd/server"
 )
 
 // A connection whose requests all complete at once (cache-hit reads) keeps
 // being served while another connection's long burst of such requests
 // runs on a server with one processor: the burst's reader runs them
-// itself, and every turnAfter (64) of them it wakes the readers with
-// requests waiting and yields to them.
+// itself, and whenever it has run for a turn's quantum without waiting it
+// wakes the readers with requests waiting and yields to them.
 //
 // The server runs in a process of its own (this test binary, re-executed
 // with GOMAXPROCS=1), so that the clients, here, do not share its one
-// processor. The model: the burst is 16,384 requests written at once, so
-// 256 turns; the steady client, one 4 KiB read at a time, must
-// complete at least one request per eight turns while the burst's replies
-// come back. Before turns, a reader with a buffered burst never waited,
-// and the waiting reader was found only by the runtime's monitor, every
-// 10 ms: a handful of requests in the whole burst. The server also
-// reports how many turns it gave, which must not be none.
+// processor. The model: a turn is given only when another connection has
+// a request waiting, here only the steady client (one 4 KiB read at a
+// time), so each turn lets it complete a request; it must complete at
+// least one per eight turns the server reports, and at least 32 in all
+// while the burst of 16,384 is answered. Before turns, a reader with a
+// buffered burst never waited, and the waiting reader was found only by
+// the runtime's monitor, every 10 ms: a handful of requests in the whole
+// burst.
 //
 // Not under the race detector: there every request is several times
 // slower, so that monitor comes round often enough per burst to blur the
 // difference; `make test` runs this test in its run without it.
 func TestQuickRequestsOfOthersInterleaveWithABurst(t *testing.T) {
-	const (
-		burst     = 16384
-		turnAfter = server.TurnAfter
-	)
+	const burst = 16384
 	srv := startOneProcessorServer(t)
 	addr := srv.Addr
 	ctx := testCtx(t)
@@ -111,6 +108,63 @@ func TestQuickRequestsOfOthersInterleaveWithABurst(t *testing.T) {
 	// and its reader wait between them, which serves the steady client
 	// without any turn; the count alone would then pass without them.
 	require.NotZero(t, turns, "the burst's reader never gave a turn")
-	require.GreaterOrEqual(t, during, burst/turnAfter/8,
+	require.GreaterOrEqual(t, during, int(turns/8),
 		"the steady client was starved by the burst: one request per eight turns at least")
+	require.GreaterOrEqual(t, during, 32, "the steady client was starved by the burst")
+}
+
+// Two connections with long bursts of cache-hit reads take turns on a
+// server with one processor: neither reader waits, so neither is ever
+// woken by a nudge; the one that runs must yield to the other, which sits
+// in the run queue. The model: the replies of the two bursts interleave at
+// least once per 512 of their 32,768 requests (64 times). Before a turn
+// yielded to readers that were not waiting, the two alternated only when
+// the runtime's monitor preempted one, every 10 ms: a dozen times here.
+func TestBurstsOfTwoConnectionsTakeTurns(t *testing.T) {
+	const burst = 16384
+	srv := startOneProcessorServer(t)
+	a, b := dialRaw(t, srv.Addr), dialRaw(t, srv.Addr)
+	var reqs []byte
+	for i := range burst {
+		reqs = nbd.AppendRequest(reqs, nbd.Request{Type: nbd.CmdRead, Cookie: uint64(i), Offset: uint64(i%1024) * 4096, Length: 4096})
+	}
+
+	// aMarks holds, for each reply of a, how many replies of b had come.
+	var bAnswered atomic.Int64
+	aMarks := make([]int64, 0, burst)
+	drain := func(rc *rawConn, each func()) error {
+		for range burst {
+			h, err := rc.reply()
+			if err == nil && h.Errno != 0 {
+				err = h.Errno
+			}
+			if err == nil {
+				_, err = io.CopyN(io.Discard, rc.br, 4096)
+			}
+			if err != nil {
+				return err
+			}
+			each()
+		}
+		return nil
+	}
+	aDone, bDone := make(chan error, 1), make(chan error, 1)
+	go func() { aDone <- drain(a, func() { aMarks = append(aMarks, bAnswered.Load()) }) }()
+	go func() { bDone <- drain(b, func() { bAnswered.Add(1) }) }()
+	_, err := a.nc.Write(reqs)
+	require.NoError(t, err)
+	_, err = b.nc.Write(reqs)
+	require.NoError(t, err)
+	require.NoError(t, <-aDone)
+	require.NoError(t, <-bDone)
+
+	switches := 0
+	for i := 1; i < len(aMarks); i++ {
+		if aMarks[i] != aMarks[i-1] && aMarks[i] < burst {
+			switches++
+		}
+	}
+	turns := srv.Stop(t)
+	t.Logf("the replies of two bursts of %d alternated %d times; %d turns given", burst, switches, turns)
+	require.GreaterOrEqual(t, switches, 2*burst/512, "one burst's reader kept the processor from the other's")
 }

@@ -136,8 +136,8 @@ type Stats struct {
 	Errors          atomic.Uint64
 	ConnectionsSeen atomic.Uint64
 	Rejected        atomic.Uint64
-	// Turns counts the times a reader in a long burst woke others waiting
-	// for their requests (turns.go).
+	// Turns counts the times a reader that ran a quantum without waiting
+	// yielded to other connections with requests waiting (turns.go).
 	Turns atomic.Uint64
 }
 
