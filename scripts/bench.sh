@@ -16,6 +16,8 @@
 #                         or nbdkit's nbd plugin, in front of a flexnbd serve
 #                         of the same file (`make bench-proxy`); and
 #                         flexnbd-metrics: flexnbd serve with --metrics
+#                         flexnbd-base: flexnbd serve from FLEXNBD_BASE, an
+#                         earlier build, to A/B two builds in one run
 #   SUBJECT=flexnbd REFERENCE=nbdkit
 #                         the pair whose per-round ratio the report gives
 #   WORKLOADS="rr4k_qd1 rr4k_qd32 rw4k_qd32 sr1m_qd8 sw1m_qd8"
@@ -35,6 +37,7 @@
 #   FLEXNBD_BENCH_DIR     data and results (default ${TMPDIR:-/tmp}/flexnbd-bench)
 #   FLEXNBD_BENCH_SIZE=2G size of the random data file
 #   FLEXNBD=bin/flexnbd   the binary under test
+#   FLEXNBD_BASE          the binary of the flexnbd-base server kind
 #   GO=go                 builds internal/benchtools/idlers for idle runs
 #   STAGGER_MS=0          if set, the connections of one workload start at
 #                         random within (connections - 1) * STAGGER_MS ms
@@ -101,6 +104,7 @@ fail() { say "error: $*"; exit 1; }
 server_binary() {
     case $1 in
     flexnbd | flexnbd-proxy | flexnbd-metrics) echo "$FLEXNBD" ;;
+    flexnbd-base) echo "${FLEXNBD_BASE:-}" ;;
     nbdkit | qemu-nbd | nbd-server) echo "$1" ;;
     nbdkit-proxy) echo nbdkit ;;
     *) return 1 ;;
@@ -110,12 +114,13 @@ server_binary() {
 ACTIVE=()
 SKIPPED=()
 for s in $SERVERS; do
-    bin=$(server_binary "$s") || fail "unknown server '$s' (known: flexnbd nbdkit qemu-nbd nbd-server flexnbd-proxy nbdkit-proxy flexnbd-metrics)"
+    bin=$(server_binary "$s") || fail "unknown server '$s' (known: flexnbd nbdkit qemu-nbd nbd-server flexnbd-proxy nbdkit-proxy flexnbd-metrics flexnbd-base)"
     if command -v "$bin" >/dev/null 2>&1; then
         ACTIVE+=("$s")
     else
         case $s in
         flexnbd | flexnbd-proxy | flexnbd-metrics) fail "$FLEXNBD not found; run 'make build' or use 'make bench'" ;;
+        flexnbd-base) fail "flexnbd-base needs FLEXNBD_BASE, the binary of the build to compare with" ;;
         nbdkit) fail "nbdkit is required for the comparison; install nbdkit" ;;
         esac
         say "skipping $s: '$bin' is not installed"
@@ -302,6 +307,8 @@ start() {
     case $s in
     flexnbd)
         cmd=("$FLEXNBD" serve --addr "$HOST" --port "$port" --file "$IMG" -q) ;;
+    flexnbd-base)
+        cmd=("$FLEXNBD_BASE" serve --addr "$HOST" --port "$port" --file "$IMG" -q) ;;
     flexnbd-metrics)
         cmd=("$FLEXNBD" serve --addr "$HOST" --port "$port" --file "$IMG" -q --metrics "$HOST:0") ;;
     flexnbd-proxy)
@@ -607,6 +614,7 @@ LOAD1=$(cut -d' ' -f1-3 /proc/loadavg)
 version() {
     case $1 in
     flexnbd | flexnbd-metrics) echo "flexnbd $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?')" ;;
+    flexnbd-base) echo "flexnbd-base: $("$FLEXNBD_BASE" --version 2>/dev/null | head -n1)" ;;
     nbdkit) nbdkit --version 2>/dev/null | head -n1 ;;
     qemu-nbd) qemu-nbd --version 2>/dev/null | head -n1 ;;
     nbd-server) nbd-server -V 2>&1 | grep -o 'version.*' | sed 's/^/nbd-server /' ;;
