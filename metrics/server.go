@@ -25,7 +25,7 @@ var (
 	rejectedDesc = prometheus.NewDesc("flexnbd_connections_rejected_total",
 		"Connections closed before any greeting: refused by the access list or beyond --max-clients.", nil, nil)
 	turnsDesc = prometheus.NewDesc("flexnbd_turns_total",
-		"Times a connection that had run requests for a turn's quantum without waiting yielded to other connections with requests waiting, waking those whose readers waited.", nil, nil)
+		"Times a connection's reader, having run requests for 50 microseconds without waiting, yielded the processor because other connections had unread requests.", nil, nil)
 	sizeDesc = prometheus.NewDesc("flexnbd_export_size_bytes", "Size of the export.", nil, nil)
 )
 

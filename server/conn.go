@@ -307,7 +307,12 @@ func (c *conn) readLoop() {
 			}
 		}
 		c.needFlush(0)
-		c.slots <- struct{}{}
+		select {
+		case c.slots <- struct{}{}:
+		default:
+			c.slots <- struct{}{}
+			c.runFrom = 0 // it waited
+		}
 		c.wg.Add(1)
 		go func() {
 			defer c.wg.Done()
@@ -388,6 +393,9 @@ func (c *conn) needFlush(n int) {
 var errDisconnect = errors.New("client sent disconnect")
 
 func (c *conn) endReading(err error) {
+	// Its socket may still have data, which nobody will read: other readers
+	// must not yield for it. (The descriptor is still open here.)
+	c.srv.turns.remove(c)
 	var ne net.Error
 	switch {
 	case errors.Is(err, errDisconnect):
@@ -419,7 +427,7 @@ var errDropped = errors.New("held requests dropped")
 // (see Hold) and leaves it when executed.
 func (c *conn) readRequest() (*request, error) {
 	hdr := &c.hdrBuf
-	if c.srv.numConns.Load() > 1 {
+	if c.turnID != 0 && c.srv.numConns.Load() > 1 {
 		c.maybeGiveTurns()
 	}
 	c.needFlush(len(hdr))

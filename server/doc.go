@@ -47,12 +47,13 @@
 // cannot block (cached reads, socket I/O, request headers included) use
 // raw system calls, which keep the runtime from handing the processor to
 // another thread mid-copy and from waking its monitor thread per request.
-// A reader that has run requests for 50 µs without waiting wakes up to 8
-// readers of other connections whose requests wait in their sockets and,
-// when any other connection has requests waiting, yields (turns.go): a
-// burst on one connection, or a few connections served in step with their
-// clients, do not hold the others back until the runtime's next look at
-// the network or its next preemption.
+// With more than one connection open, a reader that has run requests for
+// 50 µs without waiting wakes up to 8 readers of other connections whose
+// requests wait in their sockets and, when other connections have unread
+// requests, yields (turns.go): a burst on one connection, or a few
+// connections served in step with their clients, do not hold the others
+// back until the runtime's next look at the network or its next
+// preemption.
 // Everything else (cache misses, large reads, FUA, FLUSH, TRIM,
 // WRITE_ZEROES, requests that must wait in the gate) runs on a goroutine of
 // its own, at most MaxInFlight per connection, so one slow request does not
@@ -149,9 +150,17 @@
 // request with the server on one core (0.61x its IOPS there; 0.95x on two
 // shared cores).
 //
-// BUG(server): With clients on the same two cores, 8 or 16 connections at
-// queue depth 1 see a p99 several times nbdkit's although their median is
-// a sixth of it: answered that fast, the client processes are runnable
-// nearly all the time and wait for a core behind one another
-// (docs/DESIGN.md, "Tail latency on many connections").
+// BUG(server): Turns every 50 µs (turns.go) give up throughput for the
+// tail: on two cores shared with their clients, 8 connections at queue
+// depth 1 get about 32k requests per second where readers left to run in
+// step with their clients got 48k (at 2.7 times the p99). The quantum is
+// fixed; it is not tuned to the load.
+//
+// BUG(server): A turn counts a connection as having requests waiting when
+// its socket has data, even when its reader cannot run them: blocked
+// sending replies to a client that does not read them, or waiting for a
+// request slot or for memory. Next to such a connection the other readers
+// yield every 50 µs for nothing (an epoll call and a yield each; not
+// seen above the noise in the runs made), and flexnbd_turns_total counts
+// those turns too.
 package server

