@@ -45,10 +45,7 @@ func TestQuickRequestsOfOthersInterleaveWithABurst(t *testing.T) {
 	require.NoError(t, steady.Read(ctx, buf, 0, 0))
 
 	rc := dialRaw(t, addr)
-	var reqs []byte
-	for i := range burst {
-		reqs = nbd.AppendRequest(reqs, nbd.Request{Type: nbd.CmdRead, Cookie: uint64(i), Offset: uint64(i%1024) * 4096, Length: 4096})
-	}
+	reqs := burstOfReads(burst)
 
 	// marks holds, for each request of the steady client that completed,
 	// how many burst replies had arrived by then.
@@ -73,23 +70,7 @@ func TestQuickRequestsOfOthersInterleaveWithABurst(t *testing.T) {
 	}()
 
 	replies := make(chan error, 1)
-	go func() {
-		for range burst {
-			h, err := rc.reply()
-			if err == nil && h.Errno != 0 {
-				err = h.Errno
-			}
-			if err == nil {
-				_, err = io.CopyN(io.Discard, rc.br, 4096)
-			}
-			if err != nil {
-				replies <- err
-				return
-			}
-			answered.Add(1)
-		}
-		replies <- nil
-	}()
+	go func() { replies <- readReplies(rc, burst, func() { answered.Add(1) }) }()
 	_, err = rc.nc.Write(reqs)
 	require.NoError(t, err)
 	require.NoError(t, <-replies)
@@ -130,33 +111,14 @@ func TestBurstsOfTwoConnectionsTakeTurns(t *testing.T) {
 	const burst = 16384
 	srv := startOneProcessorServer(t)
 	a, b := dialRaw(t, srv.Addr), dialRaw(t, srv.Addr)
-	var reqs []byte
-	for i := range burst {
-		reqs = nbd.AppendRequest(reqs, nbd.Request{Type: nbd.CmdRead, Cookie: uint64(i), Offset: uint64(i%1024) * 4096, Length: 4096})
-	}
+	reqs := burstOfReads(burst)
 
 	// aMarks holds, for each reply of a, how many replies of b had come.
 	var bAnswered atomic.Int64
 	aMarks := make([]int64, 0, burst)
-	drain := func(rc *rawConn, each func()) error {
-		for range burst {
-			h, err := rc.reply()
-			if err == nil && h.Errno != 0 {
-				err = h.Errno
-			}
-			if err == nil {
-				_, err = io.CopyN(io.Discard, rc.br, 4096)
-			}
-			if err != nil {
-				return err
-			}
-			each()
-		}
-		return nil
-	}
 	aDone, bDone := make(chan error, 1), make(chan error, 1)
-	go func() { aDone <- drain(a, func() { aMarks = append(aMarks, bAnswered.Load()) }) }()
-	go func() { bDone <- drain(b, func() { bAnswered.Add(1) }) }()
+	go func() { aDone <- readReplies(a, burst, func() { aMarks = append(aMarks, bAnswered.Load()) }) }()
+	go func() { bDone <- readReplies(b, burst, func() { bAnswered.Add(1) }) }()
 	_, err := a.nc.Write(reqs)
 	require.NoError(t, err)
 	_, err = b.nc.Write(reqs)
@@ -174,4 +136,33 @@ func TestBurstsOfTwoConnectionsTakeTurns(t *testing.T) {
 	t.Logf("the replies of two bursts of %d alternated %d times; %d turns given, %d taken", burst, switches, turns, taken)
 	require.GreaterOrEqual(t, taken, uint64(64), "one burst's reader kept the processor from the other's")
 	require.GreaterOrEqual(t, switches, 16, "the replies of the two bursts did not interleave")
+}
+
+// burstOfReads encodes n 4 KiB reads over the first 4 MiB, to be written
+// at once.
+func burstOfReads(n int) []byte {
+	var reqs []byte
+	for i := range n {
+		reqs = nbd.AppendRequest(reqs, nbd.Request{Type: nbd.CmdRead, Cookie: uint64(i), Offset: uint64(i%1024) * 4096, Length: 4096})
+	}
+	return reqs
+}
+
+// readReplies reads n replies to 4 KiB reads from rc, calling each after
+// every one; an error reply ends it with that error.
+func readReplies(rc *rawConn, n int, each func()) error {
+	for range n {
+		h, err := rc.reply()
+		if err == nil && h.Errno != 0 {
+			err = h.Errno
+		}
+		if err == nil {
+			_, err = io.CopyN(io.Discard, rc.br, 4096)
+		}
+		if err != nil {
+			return err
+		}
+		each()
+	}
+	return nil
 }
