@@ -76,9 +76,10 @@ type turns struct {
 	// yielded counts readers in a yield: runnable, and possibly holding
 	// requests already read into their buffers, which epoll cannot see.
 	yielded atomic.Int32
-	// yields numbers the yields; taken counts those during which another
-	// reader yielded too, so had run: turns that went to someone.
-	yields, taken atomic.Uint64
+	// taken counts the turns during which another reader gave one too
+	// (Server.stats.Turns moved on), so had run: turns that went to
+	// someone.
+	taken atomic.Uint64
 }
 
 // add registers c, whose handshake is done. Without a file descriptor, or
@@ -187,13 +188,12 @@ func (c *conn) giveTurns() bool {
 	if others == 0 && t.yielded.Load() == 0 {
 		return false
 	}
-	c.srv.stats.Turns.Add(1)
+	seq := c.srv.stats.Turns.Add(1)
 	c.out.flush()
 	t.yielded.Add(1)
-	seq := t.yields.Add(1)
 	runtime.Gosched()
 	t.yielded.Add(-1)
-	if t.yields.Load() != seq {
+	if c.srv.stats.Turns.Load() != seq {
 		t.taken.Add(1)
 	}
 	return true
